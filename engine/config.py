@@ -1,0 +1,185 @@
+"""Configuration: engine.toml, then DUCKFLEET_<SECTION>_<KEY> variables, then command-line flags.
+
+Parsed once, in the supervisor, into frozen msgspec structs; children receive the resolved
+result as JSON and decode it into the same structs, so every process sees one configuration.
+Any bad file, key or value raises ConfigError naming the key, before any process is spawned.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta
+
+PositiveInt = Annotated[int, Meta(ge=1)]
+NonNegInt = Annotated[int, Meta(ge=0)]
+PositiveFloat = Annotated[float, Meta(gt=0)]
+Port = Annotated[int, Meta(ge=0, le=65535)]
+
+
+class ConfigError(Exception):
+    """A configuration problem, with the offending key in the message."""
+
+
+class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class ServerConfig(_Section):
+    host: str = "127.0.0.1"
+    port: Port = 8000
+    unix_socket: str = ""  # also serve HTTP on this Unix socket path (sidecars)
+    runtime_dir: str = ""  # parent of the private runtime directory; "" = $XDG_RUNTIME_DIR or /tmp
+    max_body_kb: PositiveInt = 1024
+    shutdown_grace_s: PositiveFloat = 30.0
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class WorkersConfig(_Section):
+    count: NonNegInt = 0  # 0 = one per core
+    boot_timeout_s: PositiveFloat = 30.0
+
+
+class DuckDBConfig(_Section):
+    memory_limit: str = "auto"  # "auto" = budget / workers, or a size such as "2GB"
+    memory_fraction: Annotated[float, Meta(gt=0, le=1)] = 0.7
+    threads: Annotated[int, Meta(ge=1, le=1)] = 1  # one per worker: parallelism comes from workers
+
+
+class QueueConfig(_Section):
+    max_queue_size: PositiveInt = 256
+    queue_timeout_s: PositiveFloat = 5.0
+    query_timeout_s: PositiveFloat = 300.0
+
+
+class ResultsConfig(_Section):
+    max_result_mb: PositiveInt = 2048
+    batch_rows: PositiveInt = 122880
+    shm_idle_mb: NonNegInt = 1024  # pre-touched segments kept for reuse, in all
+
+
+class QueryCacheConfig(_Section):
+    enabled: bool = False
+    ttl_seconds: PositiveFloat = 60.0
+    max_size: PositiveInt = 100
+    max_result_mb: PositiveInt = 10
+
+
+class AuthConfig(_Section):
+    enabled: bool = False
+
+
+class CatalogConfig(_Section):
+    data_dir: str = "data"
+    default_database: str = "default"
+    demo: bool = True  # write the demo dataset when data_dir holds no database
+    views: dict[str, str] = {}
+    databases: dict[str, str] = {}  # name -> DuckDB file, attached read-only
+
+
+class Config(_Section):
+    server: ServerConfig = ServerConfig()
+    workers: WorkersConfig = WorkersConfig()
+    duckdb: DuckDBConfig = DuckDBConfig()
+    queue: QueueConfig = QueueConfig()
+    results: ResultsConfig = ResultsConfig()
+    query_cache: QueryCacheConfig = QueryCacheConfig()
+    auth: AuthConfig = AuthConfig()
+    catalog: CatalogConfig = CatalogConfig()
+
+    @property
+    def worker_count(self) -> int:
+        return self.workers.count or os.cpu_count() or 1
+
+
+SECTIONS = {name: typ for name, typ in Config.__annotations__.items()}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(b|kb|mb|gb|tb|kib|mib|gib|tib)?\s*$", re.I)
+_UNITS = {"b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4,
+          "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
+
+
+def parse_size(text: str, key: str) -> int:
+    """'2GB' -> bytes (DuckDB's units: KB/MB/GB are powers of 1000, KiB/MiB/GiB of 1024)."""
+    match = _SIZE.match(text)
+    if not match:
+        raise ConfigError(f"{key}: {text!r} is not a size such as '2GB' or '512MiB'")
+    return int(float(match.group(1)) * _UNITS[(match.group(2) or "b").lower()])
+
+
+def load(path: str | os.PathLike | None, env: dict[str, str] | None = None,
+         overrides: dict[str, dict[str, Any]] | None = None) -> Config:
+    """Read the file, apply environment and flag overrides, validate; resolve relative paths."""
+    raw: dict[str, Any] = {}
+    base = Path.cwd()
+    if path is not None:
+        path = Path(path)
+        try:
+            raw = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {str(path)!r} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        base = path.resolve().parent
+    for key, value in _env_overrides(os.environ if env is None else env).items():
+        section, _, field = key.partition(".")
+        raw.setdefault(section, {})[field] = value
+    for section, fields in (overrides or {}).items():
+        raw.setdefault(section, {}).update(fields)
+    try:
+        # strict=False lets environment strings such as "8000" or "true" convert to their types.
+        config = msgspec.convert(raw, Config, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(_name_key(str(exc), path)) from None
+    config = _resolve_paths(config, base)
+    if config.duckdb.memory_limit != "auto":
+        parse_size(config.duckdb.memory_limit, "duckdb.memory_limit")
+    if config.query_cache.enabled:
+        raise ConfigError("query_cache.enabled: the result cache is not implemented yet; set it to false")
+    if config.auth.enabled:
+        raise ConfigError("auth.enabled: token authentication is not implemented yet; set it to false")
+    return config
+
+
+def _env_overrides(env: dict[str, str]) -> dict[str, str]:
+    found = {}
+    for name, value in env.items():
+        if not name.startswith("DUCKFLEET_"):
+            continue
+        rest = name[len("DUCKFLEET_"):].lower()
+        section = next((s for s in SECTIONS if rest.startswith(s + "_")), None)
+        if section is None:
+            raise ConfigError(f"{name}: no config section matches (sections: {', '.join(SECTIONS)})")
+        found[f"{section}.{rest[len(section) + 1:]}"] = value
+    return found
+
+
+def _name_key(message: str, path) -> str:
+    # msgspec says "... - at `$.server.port`"; operators think in "server.port".
+    message = re.sub(r" - at `\$\.?([^`]*)`", lambda m: f" (key: {m.group(1) or 'top level'})", message)
+    return f"{path or 'configuration'}: {message}"
+
+
+def _resolve_paths(config: Config, base: Path) -> Config:
+    catalog = config.catalog
+    resolve = lambda p: str((base / p).resolve()) if p else p  # noqa: E731
+    catalog = msgspec.structs.replace(
+        catalog,
+        data_dir=resolve(catalog.data_dir),
+        databases={name: resolve(p) for name, p in catalog.databases.items()},
+    )
+    server = msgspec.structs.replace(config.server, unix_socket=resolve(config.server.unix_socket),
+                                     runtime_dir=resolve(config.server.runtime_dir))
+    return msgspec.structs.replace(config, catalog=catalog, server=server)
+
+
+def encode(config: Config) -> bytes:
+    return msgspec.json.encode(config)
+
+
+def decode(data: bytes) -> Config:
+    return msgspec.json.decode(data, type=Config)

@@ -1,0 +1,158 @@
+"""Result encodings, produced inside the worker by DuckDB and pyarrow, never row by row in Python.
+
+Arrow and Parquet write DuckDB's Arrow batches as they come. JSON, NDJSON and CSV are built
+by DuckDB itself: the user's relation is projected through one SQL expression per column that
+turns each value into its JSON form (json_value); DuckDB returns one string per row, and the
+worker copies each batch's contiguous string buffer into the segment. CSV cells are the same
+JSON values unquoted, so the three text formats agree with each other by construction.
+
+The JSON encoding of each type (documented in the README):
+  integers of any width, DECIMAL   -> number, all digits kept
+  FLOAT, DOUBLE                    -> number; NaN and infinities -> "NaN", "Infinity", "-Infinity"
+  TIMESTAMP (any precision)        -> "YYYY-MM-DDTHH:MM:SS.ffffff"
+  TIMESTAMP WITH TIME ZONE         -> "YYYY-MM-DDTHH:MM:SS.ffffff+00:00" (always in UTC)
+  DATE, TIME                       -> "YYYY-MM-DD", "HH:MM:SS[.ffffff]"
+  INTERVAL                         -> DuckDB's text, such as "1 day 02:00:00"
+  BLOB                             -> base64 string
+  LIST, ARRAY / STRUCT / MAP       -> array / object / object with keys as text
+  NULL                             -> null;  anything else -> DuckDB's to_json
+"""
+
+from __future__ import annotations
+
+import duckdb
+import msgspec
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+import pyarrow.parquet as pq
+
+from engine.catalog import quote_ident
+
+FORMATS = ("json", "arrow", "csv", "ndjson", "parquet")
+MEDIA_TYPES = {
+    "json": "application/json",
+    "arrow": "application/vnd.apache.arrow.stream",
+    "csv": "text/csv; charset=utf-8",
+    "ndjson": "application/x-ndjson",
+    "parquet": "application/vnd.apache.parquet",
+}
+
+_ISO = "'%Y-%m-%dT%H:%M:%S.%f'"
+_TIMESTAMPS = {"timestamp", "timestamp_s", "timestamp_ms", "timestamp_ns"}
+_TEXT = {"varchar", "enum", "uuid"}
+
+
+def json_value(x: str, t: duckdb.DuckDBPyType, depth: int = 0) -> str:
+    """SQL expression of type JSON for the value x of type t."""
+    kind = t.id
+    if kind in ("float", "double"):
+        return (f"CASE WHEN isnan({x}) THEN '\"NaN\"'::JSON WHEN isinf({x}) THEN "
+                f"(CASE WHEN {x} > 0 THEN '\"Infinity\"' ELSE '\"-Infinity\"' END)::JSON "
+                f"ELSE to_json({x}) END")
+    if kind in _TIMESTAMPS:
+        return f"to_json(strftime({x}, {_ISO}))"
+    if kind == "timestamp with time zone":
+        return f"to_json(strftime(timezone('UTC', {x}), {_ISO}) || '+00:00')"
+    if kind == "blob":
+        return f"to_json(base64({x}))"
+    var = f"v{depth}"
+    if kind in ("list", "array"):
+        inner = json_value(var, t.children[0][1], depth + 1)
+        if inner != f"to_json({var})":
+            return f"to_json(list_transform({x}, lambda {var}: {inner}))"
+    elif kind == "struct":
+        fields = ", ".join(
+            f"'{name.replace(chr(39), chr(39) * 2)}', "
+            + json_value(f"struct_extract({x}, '{name.replace(chr(39), chr(39) * 2)}')", ft, depth + 1)
+            for name, ft in t.children)
+        return f"CASE WHEN {x} IS NULL THEN NULL ELSE json_object({fields}) END"
+    elif kind == "map":
+        inner = json_value(f"{var}.value", t.children[1][1], depth + 1)
+        if inner != f"to_json({var}.value)":
+            return (f"to_json(map_from_entries(list_transform(map_entries({x}), lambda {var}: "
+                    f"{{'key': {var}.key::VARCHAR, 'value': {inner}}})))")
+    return f"to_json({x})"
+
+
+def csv_value(x: str, t: duckdb.DuckDBPyType) -> str:
+    """SQL VARCHAR expression: the JSON value without quotes for strings, as is otherwise."""
+    if t.id in _TEXT:
+        return f"{x}::VARCHAR"
+    return f"({json_value(x, t)}) ->> '$'"
+
+
+def write_result(rel: duckdb.DuckDBPyRelation, fmt: str, sink, batch_rows: int) -> int:
+    """Encode rel into sink (a binary file object) in fmt; returns the row count."""
+    if fmt == "arrow":
+        return _write_arrow(rel, sink, batch_rows)
+    if fmt == "parquet":
+        return _write_parquet(rel, sink, batch_rows)
+    if fmt == "csv":
+        return _write_csv(rel, sink, batch_rows)
+    if fmt == "ndjson":
+        pairs = ", ".join(f"'{_sql_str(name)}', {json_value(f'#{i}', t)}"
+                          for i, (name, t) in enumerate(zip(rel.columns, rel.types), 1))
+        return _write_rows(rel.project(f"json_object({pairs})::VARCHAR || chr(10)"),
+                           sink, batch_rows)
+    if fmt == "json":
+        sink.write(b'{"success":true,"columns":' + msgspec.json.encode(rel.columns) + b',"data":[')
+        values = ", ".join(json_value(f"#{i}", t) for i, t in enumerate(rel.types, 1))
+        rows = _write_rows(rel.project(f"',' || json_array({values})::VARCHAR"), sink, batch_rows,
+                           skip_first_byte=True)
+        sink.write(b'],"row_count":' + str(rows).encode())
+        return rows
+    raise ValueError(f"unknown format {fmt!r}")
+
+
+def _sql_str(text: str) -> str:
+    return text.replace("'", "''")
+
+
+def _write_arrow(rel, sink, batch_rows: int) -> int:
+    reader = rel.to_arrow_reader(batch_rows)
+    rows = 0
+    with pa.ipc.new_stream(sink, reader.schema) as writer:
+        for batch in reader:
+            writer.write_batch(batch)
+            rows += batch.num_rows
+    return rows
+
+
+def _write_parquet(rel, sink, batch_rows: int) -> int:
+    reader = rel.to_arrow_reader(batch_rows)
+    rows = 0
+    with pq.ParquetWriter(sink, reader.schema) as writer:
+        for batch in reader:
+            writer.write_batch(batch)
+            rows += batch.num_rows
+    return rows
+
+
+def _write_csv(rel, sink, batch_rows: int) -> int:
+    cells = ", ".join(f"{csv_value(f'#{i}', t)} AS {quote_ident(name)}"
+                      for i, (name, t) in enumerate(zip(rel.columns, rel.types), 1))
+    reader = rel.project(cells).to_arrow_reader(batch_rows)
+    rows = 0
+    options = pa_csv.WriteOptions(quoting_style="needed")
+    with pa_csv.CSVWriter(sink, reader.schema, write_options=options) as writer:
+        for batch in reader:
+            writer.write_batch(batch)
+            rows += batch.num_rows
+    return rows
+
+
+def _write_rows(rel, sink, batch_rows: int, skip_first_byte: bool = False) -> int:
+    """Copy a one-VARCHAR-column relation's strings back to back: one buffer copy per batch."""
+    rows = 0
+    for batch in rel.to_arrow_reader(batch_rows):
+        if not batch.num_rows:
+            continue
+        column = batch.column(0)
+        _, offsets, data = column.buffers()
+        offsets = memoryview(offsets).cast("q" if pa.types.is_large_string(column.type) else "i")
+        start, end = offsets[column.offset], offsets[column.offset + len(column)]
+        if skip_first_byte and rows == 0:
+            start += 1
+        sink.write(memoryview(data)[start:end])
+        rows += batch.num_rows
+    return rows

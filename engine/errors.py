@@ -1,0 +1,29 @@
+"""Error kinds: the one vocabulary in which failures cross process boundaries.
+
+Workers raise QueryError(kind, message); the kind crosses the socket in a Failure message;
+the gateway maps each kind to one HTTP status (gateway/render.py). Nothing else decides a
+status code.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Kind(StrEnum):
+    BAD_REQUEST = "bad_request"      # malformed body, unknown format, missing sql
+    SQL_ERROR = "sql_error"          # DuckDB rejected the SQL (parser, binder, conversion)
+    FORBIDDEN = "forbidden"          # not a read, or outside the sandbox
+    TOO_LARGE = "too_large"          # body or result over its limit
+    OUT_OF_MEMORY = "out_of_memory"  # the query needed more than the worker's memory_limit
+    OVERLOADED = "overloaded"        # no worker within the queue timeout, or the queue is full
+    TIMEOUT = "timeout"              # the query ran past its deadline and was interrupted
+    WORKER_LOST = "worker_lost"      # the worker died while running the query
+    INTERNAL = "internal"            # a bug: logged with its traceback, reported without it
+
+
+class QueryError(Exception):
+    def __init__(self, kind: Kind, message: str):
+        super().__init__(message)
+        self.kind = kind
+        self.message = message

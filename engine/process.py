@@ -1,0 +1,32 @@
+"""Process plumbing shared by every child: die with the supervisor, and know the runtime dir.
+
+Children are started by exec (never fork: DuckDB starts threads), then call
+die_with_parent() first thing, so that a supervisor killed with SIGKILL takes them along
+(PR_SET_PDEATHSIG), even if it died before the call (the parent pid check).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import signal
+import sys
+
+PR_SET_PDEATHSIG = 1
+BOOT_FAILED = 3  # a worker's exit code when it cannot start: respawning it would only spin
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+
+def die_with_parent(expected_parent: int, sig: int = signal.SIGKILL) -> None:
+    if _libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != expected_parent:
+        sys.exit(1)  # the supervisor is already gone
+
+
+def malloc_trim() -> None:
+    """Give freed heap memory back to the OS (glibc keeps it otherwise)."""
+    trim = getattr(_libc, "malloc_trim", None)
+    if trim is not None:
+        trim(0)

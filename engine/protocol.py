@@ -1,0 +1,136 @@
+"""Messages between the gateway and the workers, over Unix stream sockets.
+
+Each frame is an 8-byte header (magic b"DF", protocol version, a reserved byte, payload
+length as a big-endian u32) and a msgpack payload: one tagged msgspec struct. Messages are
+small: result bytes never cross the socket, they stay in shared memory. A frame with the
+wrong magic or version raises ProtocolError; the peer then drops the connection.
+The worker uses the blocking helpers, the gateway the asyncio ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+from typing import Any
+
+import msgspec
+
+VERSION = 1
+MAGIC = b"DF"
+HEADER = struct.Struct("!2sBxI")
+MAX_FRAME = 64 * 1024 * 1024  # SQL text and parameters; results travel in shared memory
+
+
+class ProtocolError(Exception):
+    pass
+
+
+class Hello(msgspec.Struct, tag=True, frozen=True):
+    """Worker -> gateway, once, after the worker has verified its settings."""
+    worker_id: int
+    pid: int
+    memory_limit: int
+    settings: dict[str, str]
+
+
+class Query(msgspec.Struct, tag=True, frozen=True):
+    """Gateway -> worker: run sql, write the encoded result into the named segment."""
+    id: int
+    sql: str
+    format: str
+    segment: str
+    params: list[Any] | None = None
+    max_result_bytes: int = 0
+    batch_rows: int = 122880
+
+
+class Cancel(msgspec.Struct, tag=True, frozen=True):
+    """Gateway -> worker: interrupt query `id` if it is still running."""
+    id: int
+
+
+class Result(msgspec.Struct, tag=True, frozen=True):
+    """Worker -> gateway: the segment holds `length` bytes of the encoded result."""
+    id: int
+    length: int
+    rows: int
+    execution_ms: float
+
+
+class Failure(msgspec.Struct, tag=True, frozen=True):
+    """Worker -> gateway: query `id` failed; `kind` is one of engine.errors.Kind."""
+    id: int
+    kind: str
+    message: str
+
+
+Message = Hello | Query | Cancel | Result | Failure
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Message)
+
+
+def pack(message: Message) -> bytes:
+    payload = _encoder.encode(message)
+    return HEADER.pack(MAGIC, VERSION, len(payload)) + payload
+
+
+def _payload_length(header: bytes) -> int:
+    magic, version, length = HEADER.unpack(header)
+    if magic != MAGIC:
+        raise ProtocolError(f"bad frame magic {magic!r}")
+    if version != VERSION:
+        raise ProtocolError(f"protocol version {version}, expected {VERSION}")
+    if length > MAX_FRAME:
+        raise ProtocolError(f"frame of {length} bytes is over the {MAX_FRAME} limit")
+    return length
+
+
+def unpack(payload: bytes) -> Message:
+    try:
+        return _decoder.decode(payload)
+    except msgspec.DecodeError as exc:
+        raise ProtocolError(str(exc)) from None
+
+
+# --- blocking side (worker) ---
+
+def send(sock: socket.socket, message: Message) -> None:
+    sock.sendall(pack(message))
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes | None:
+    buf = bytearray(n)
+    view, got = memoryview(buf), 0
+    while got < n:
+        k = sock.recv_into(view[got:])
+        if k == 0:
+            return None
+        got += k
+    return bytes(buf)
+
+
+def recv(sock: socket.socket) -> Message | None:
+    """The next message, or None when the peer closed the connection."""
+    header = _recv_exactly(sock, HEADER.size)
+    if header is None:
+        return None
+    payload = _recv_exactly(sock, _payload_length(header))
+    if payload is None:
+        return None
+    return unpack(payload)
+
+
+# --- asyncio side (gateway) ---
+
+async def read(reader: asyncio.StreamReader) -> Message | None:
+    try:
+        header = await reader.readexactly(HEADER.size)
+        payload = await reader.readexactly(_payload_length(header))
+    except asyncio.IncompleteReadError:
+        return None
+    return unpack(payload)
+
+
+def write(writer: asyncio.StreamWriter, message: Message) -> None:
+    writer.write(pack(message))

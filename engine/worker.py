@@ -1,0 +1,205 @@
+"""A worker: one process, one DuckDB connection (threads=1), one query at a time.
+
+Started by the supervisor with exec (`python -m engine.worker`). At boot it opens DuckDB with
+its memory_limit and temp_directory, loads the catalog, reads every setting back and refuses
+to serve (exit code BOOT_FAILED) if one differs. Then it connects to the gateway's worker
+socket, says Hello, and serves Query messages in its main thread. A reader thread takes
+messages off the socket so that a Cancel can interrupt the running query.
+
+A result is encoded straight into the segment the gateway lent with the query; the worker
+replies with its length and keeps nothing. Failures are replied as typed Failure messages;
+only a broken gateway connection or SIGTERM ends the loop (after the current query).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import queue
+import signal
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+import duckdb
+
+from engine import catalog, config as config_mod, log as log_mod, policy, protocol
+from engine.encode import FORMATS, write_result
+from engine.errors import Kind, QueryError
+from engine.process import BOOT_FAILED, die_with_parent, malloc_trim
+from engine.shm import SegmentWriter
+
+_SIZE_UNITS = {"bytes": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40,
+               "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+
+log = log_mod.get()
+
+
+def open_database(cfg: config_mod.Config, memory_limit: int, temp_dir: str) -> duckdb.DuckDBPyConnection:
+    """The worker's connection: settings applied, catalog loaded, settings verified."""
+    con = duckdb.connect(":memory:", config={
+        "threads": cfg.duckdb.threads,
+        "memory_limit": f"{memory_limit}B",
+        "temp_directory": temp_dir,
+    })
+    con.execute("SET TimeZone = 'UTC'")
+    for statement in catalog.boot_statements(cfg.catalog):
+        con.execute(statement)
+    verify_settings(con, {"threads": str(cfg.duckdb.threads), "memory_limit": memory_limit,
+                          "temp_directory": temp_dir, "TimeZone": "UTC"})
+    return con
+
+
+def read_settings(con: duckdb.DuckDBPyConnection, names) -> dict[str, str]:
+    return {name: str(con.execute("SELECT current_setting(?)", [name]).fetchone()[0])
+            for name in names}
+
+
+def verify_settings(con: duckdb.DuckDBPyConnection, expected: dict) -> dict[str, str]:
+    actual = read_settings(con, expected)
+    for name, want in expected.items():
+        got = actual[name]
+        ok = _size_close(got, want) if isinstance(want, int) else got == want
+        if not ok:
+            raise RuntimeError(f"setting {name} reads back as {got!r}, expected {want!r}")
+    return actual
+
+
+def _size_close(text: str, want: int) -> bool:
+    # DuckDB prints sizes rounded to one decimal ("1.9 GiB").
+    number, _, unit = text.partition(" ")
+    scale = _SIZE_UNITS.get(unit)
+    return scale is not None and abs(float(number) * scale - want) <= 0.051 * scale
+
+
+class Worker:
+    def __init__(self, worker_id: int, cfg: config_mod.Config, con: duckdb.DuckDBPyConnection,
+                 sock: socket.socket):
+        self.worker_id = worker_id
+        self.cfg = cfg
+        self.con = con
+        self.sock = sock
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._running_id: int | None = None
+        self._lock = threading.Lock()
+
+    def read_loop(self) -> None:
+        """Reader thread: queue queries, interrupt on Cancel, stop the worker on EOF."""
+        try:
+            while (message := protocol.recv(self.sock)) is not None:
+                if isinstance(message, protocol.Query):
+                    self.inbox.put(message)
+                elif isinstance(message, protocol.Cancel):
+                    with self._lock:
+                        if self._running_id == message.id:
+                            self.con.interrupt()
+        except (OSError, protocol.ProtocolError) as exc:
+            log.warning("gateway_connection_failed", error=str(exc))
+        self.inbox.put(None)
+
+    def serve(self) -> None:
+        while (query := self.inbox.get()) is not None:
+            reply = self.run(query)
+            try:
+                protocol.send(self.sock, reply)
+            except OSError:
+                return
+
+    def run(self, query: protocol.Query) -> protocol.Result | protocol.Failure:
+        started = time.perf_counter()
+        with self._lock:
+            self._running_id = query.id
+        try:
+            if query.format not in FORMATS:
+                raise QueryError(Kind.BAD_REQUEST, f"unknown format {query.format!r}")
+            policy.check(self.con, query.sql)
+            with SegmentWriter(query.segment, query.max_result_bytes) as sink:
+                rel = self.con.sql(query.sql, params=query.params) if query.params else self.con.sql(query.sql)
+                if rel is None:
+                    raise QueryError(Kind.BAD_REQUEST, "the statement returns no result")
+                rows = write_result(rel, query.format, sink, query.batch_rows)
+                del rel
+                length = sink.position
+            return protocol.Result(query.id, length, rows, (time.perf_counter() - started) * 1000)
+        except QueryError as exc:
+            return protocol.Failure(query.id, exc.kind, exc.message)
+        except duckdb.InterruptException:
+            return protocol.Failure(query.id, Kind.TIMEOUT, "query interrupted: it ran past its deadline")
+        except duckdb.OutOfMemoryException as exc:
+            return protocol.Failure(query.id, Kind.OUT_OF_MEMORY,
+                                    f"{exc} (this worker's memory_limit is "
+                                    f"{read_settings(self.con, ['memory_limit'])['memory_limit']})")
+        except duckdb.PermissionException as exc:
+            return protocol.Failure(query.id, Kind.FORBIDDEN, str(exc))
+        except duckdb.Error as exc:
+            return protocol.Failure(query.id, Kind.SQL_ERROR, str(exc))
+        except Exception as exc:  # a bug here must not take the worker down with it
+            log.error("query_failed", exc_info=True, query_id=query.id)
+            return protocol.Failure(query.id, Kind.INTERNAL, f"internal error: {type(exc).__name__}")
+        finally:
+            with self._lock:
+                self._running_id = None
+            gc.collect(0)
+
+
+def connect_gateway(path: str, timeout: float) -> socket.socket:
+    deadline = time.monotonic() + timeout
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(path)
+            return sock
+        except (FileNotFoundError, ConnectionRefusedError):
+            sock.close()
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="duckfleet worker (started by the supervisor)")
+    parser.add_argument("--id", type=int, required=True)
+    parser.add_argument("--runtime-dir", required=True)
+    parser.add_argument("--supervisor-pid", type=int, required=True)
+    parser.add_argument("--memory-limit", type=int, required=True)
+    args = parser.parse_args(argv)
+    die_with_parent(args.supervisor_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when workers stop
+    runtime = Path(args.runtime_dir)
+    cfg = config_mod.decode((runtime / "config.json").read_bytes())
+    global log
+    log = log_mod.setup(f"worker-{args.id}", cfg.server.log_level)
+
+    temp_dir = runtime / f"tmp-worker-{args.id}-{os.getpid()}"
+    try:
+        con = open_database(cfg, args.memory_limit, str(temp_dir))
+        settings = read_settings(con, ["threads", "memory_limit", "temp_directory", "TimeZone"])
+        sock = connect_gateway(str(runtime / "workers.sock"), cfg.workers.boot_timeout_s)
+    except Exception as exc:
+        log.error("worker_boot_failed", worker=args.id, error=str(exc))
+        return BOOT_FAILED
+    malloc_trim()
+    worker = Worker(args.id, cfg, con, sock)
+    protocol.send(sock, protocol.Hello(args.id, os.getpid(), args.memory_limit, settings))
+    signal.signal(signal.SIGTERM, lambda *_: worker.inbox.put(None))
+    threading.Thread(target=worker.read_loop, name="socket-reader", daemon=True).start()
+    log.info("worker_ready", worker=args.id, **settings)
+    worker.serve()
+    sock.close()
+    con.close()
+    _remove_tree(temp_dir)
+    return 0
+
+
+def _remove_tree(path: Path) -> None:
+    if path.is_dir():
+        for child in sorted(path.rglob("*"), reverse=True):
+            child.rmdir() if child.is_dir() else child.unlink(missing_ok=True)
+        path.rmdir()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""The gateway process: aiohttp on uvloop, started by the supervisor (`python -m gateway.app`).
+
+It serves HTTP on listening sockets the supervisor owns and passes down (so a gateway restart
+never closes them), and accepts worker connections on <runtime>/workers.sock. It owns every
+shared-memory segment (engine/shm.py). SIGTERM: stop accepting, let in-flight requests finish
+within shutdown_grace_s, unlink all segments, exit. It is also the signal it gets when the
+supervisor dies, so segments are cleaned up then too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import uvloop
+from aiohttp import web
+
+from engine import config as config_mod, log as log_mod, shm
+from engine.process import die_with_parent
+from gateway import handlers
+from gateway.fleet import Fleet
+
+
+def make_app(fleet: Fleet, cfg: config_mod.Config) -> web.Application:
+    app = web.Application(client_max_size=cfg.server.max_body_kb * 1024,
+                          middlewares=[handlers.errors_middleware])
+    app[handlers.FLEET] = fleet
+    app.add_routes(handlers.routes())
+    return app
+
+
+async def serve(runtime: Path, supervisor_pid: int, listen_fds: list[int]) -> None:
+    cfg = config_mod.decode((runtime / "config.json").read_bytes())
+    log = log_mod.setup("gateway", cfg.server.log_level)
+    segments = shm.SegmentPool(shm.owner_prefix(supervisor_pid, os.getpid()),
+                               cfg.results.shm_idle_mb * 2**20)
+    fleet = Fleet(segments, cfg.queue.max_queue_size, cfg.queue.queue_timeout_s,
+                  cfg.queue.query_timeout_s, cfg.results.max_result_mb * 2**20,
+                  cfg.results.batch_rows)
+    worker_socket = runtime / "workers.sock"
+    worker_socket.unlink(missing_ok=True)
+    old_umask = os.umask(0o177)  # the socket file is created 0600
+    try:
+        worker_server = await asyncio.start_unix_server(fleet.accept, path=str(worker_socket))
+    finally:
+        os.umask(old_umask)
+
+    runner = web.AppRunner(make_app(fleet, cfg), handle_signals=False, access_log=None,
+                           shutdown_timeout=cfg.server.shutdown_grace_s)
+    await runner.setup()
+    for fd in listen_fds:
+        sock = socket.socket(fileno=fd)
+        await web.SockSite(runner, sock).start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, lambda: None)  # the supervisor decides
+    log.info("gateway_ready", listen_fds=listen_fds)
+    await stop.wait()
+    log.info("gateway_stopping")
+    await runner.cleanup()  # stops listening, waits for in-flight requests
+    worker_server.close()
+    fleet.close()
+    worker_socket.unlink(missing_ok=True)
+    log.info("gateway_stopped")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="duckfleet gateway (started by the supervisor)")
+    parser.add_argument("--runtime-dir", required=True)
+    parser.add_argument("--supervisor-pid", type=int, required=True)
+    parser.add_argument("--listen-fd", type=int, action="append", default=[])
+    args = parser.parse_args(argv)
+    die_with_parent(args.supervisor_pid, signal.SIGTERM)
+    uvloop.run(serve(Path(args.runtime_dir), args.supervisor_pid, args.listen_fd))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
