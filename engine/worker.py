@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import duckdb
+import pyarrow as pa
 
 from engine import catalog, config as config_mod, log as log_mod, policy, protocol
 from engine.encode import FORMATS, write_result
@@ -136,6 +137,9 @@ class Worker:
             return protocol.Failure(query.id, Kind.FORBIDDEN, str(exc))
         except duckdb.Error as exc:
             return protocol.Failure(query.id, Kind.SQL_ERROR, str(exc))
+        except pa.ArrowNotImplementedError as exc:
+            return protocol.Failure(query.id, Kind.BAD_REQUEST,
+                                    f"format {query.format!r} cannot encode this result: {exc}")
         except Exception as exc:  # a bug here must not take the worker down with it
             log.error("query_failed", exc_info=True, query_id=query.id)
             return protocol.Failure(query.id, Kind.INTERNAL, f"internal error: {type(exc).__name__}")

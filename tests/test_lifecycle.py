@@ -1,0 +1,192 @@
+"""The supervisor with real processes and real signals: concurrency, crashes, stops."""
+
+import os
+import signal
+import stat
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import psutil
+import pytest
+
+from engine.memory import system_memory_bytes
+from tests.harness import assert_no_leaks, fleet_segments, wait_for
+
+SLOW_SQL = "SELECT sum(i) AS s FROM range(1000000000) t(i)"  # about 2 s on one thread
+SLOW_SUM = 999_999_999 * 1_000_000_000 // 2
+ENDLESS_SQL = "SELECT sum(i) AS s FROM range(1000000000000) t(i)"
+
+
+def small_query(i: int) -> tuple[str, list]:
+    return (f"SELECT {i} AS i, sum(x) AS s FROM range({i * 1000}) t(x)",
+            [[i, (i * 1000 - 1) * i * 1000 // 2 if i else None]])
+
+
+def test_64_concurrent_queries_on_2_workers(make_server):
+    srv = make_server(config="[queue]\nqueue_timeout_s = 60\n").start()
+    mixed = [small_query(i) for i in range(48)] + [
+        (f"SELECT host, count(*) AS n FROM cpu WHERE host = 'server{h:02d}' GROUP BY host",
+         [[f"server{h:02d}", 33600]]) for h in range(1, 11)] + [
+        (f"SELECT count(*) AS n FROM mem WHERE region = '{r}'", [[n]])
+        for r, n in (("us-east", 4 * 33600), ("us-west", 3 * 33600), ("eu-west", 3 * 33600))] * 2
+    assert len(mixed) == 64
+    with ThreadPoolExecutor(64) as pool:
+        results = list(pool.map(lambda q: srv.query(q[0]), mixed))
+    for (sql, expected), resp in zip(mixed, results):
+        assert resp.status == 200, (sql, resp)
+        assert resp.json()["data"] == expected, sql
+    stats = srv.stats()
+    assert stats["served"] >= 64 and stats["crashed"] == 0 and stats["worker_count"] == 2
+    assert {w["state"] for w in stats["workers"]} == {"idle"}
+
+
+def test_memory_limit_from_budget(make_server):
+    srv = make_server().start()
+    expected = int(system_memory_bytes() * 0.7 / 2)
+    for worker in srv.stats()["workers"]:
+        assert worker["memory_limit"] == expected
+    assert srv.event("listening")["memory_limit_bytes"] == expected
+
+
+def test_sigkill_worker_under_load(make_server):
+    srv = make_server(config="[queue]\nqueue_timeout_s = 30\n").start()
+    outcomes, stop = [], threading.Event()
+
+    def client(n):
+        i = 0
+        while not stop.is_set():
+            sql, expected = small_query(100 + n * 1000 + i % 50)
+            resp = srv.query(sql)
+            outcomes.append((time.monotonic(), resp.status,
+                             resp.json().get("data") == expected if resp.status == 200
+                             else resp.json()["error_type"]))
+            i += 1
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    victim = srv.worker_pids()[0]
+    killed_at = time.monotonic()
+    os.kill(victim, signal.SIGKILL)
+
+    def replaced():
+        pids = srv.worker_pids()
+        return len(pids) == 2 and victim not in pids
+    wait_for(replaced, 20, what="a replacement worker")
+    replaced_at = time.monotonic()
+    time.sleep(1.0)
+    stop.set()
+    for t in threads:
+        t.join(30)
+    print(f"replacement serving {replaced_at - killed_at:.3f} s after SIGKILL")
+    answered_during = [o for o in outcomes if killed_at < o[0] < replaced_at and o[1] == 200]
+    failures = [o for o in outcomes if o[1] != 200]
+    assert all(o[2] is True for o in outcomes if o[1] == 200), "a wrong answer"
+    assert all(o[1] == 503 and o[2] == "worker_lost" for o in failures), failures
+    assert len(failures) <= 1  # only the query the victim was running
+    assert answered_during or replaced_at - killed_at < 0.05, "the other worker stopped answering"
+    new = next(p for p in srv.worker_pids() if p != victim)
+    assert srv.query("SELECT 1 AS x").status == 200 and psutil.pid_exists(new)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_graceful_stop_finishes_in_flight_query(make_server, sig):
+    srv = make_server().start()
+    result = {}
+    t = threading.Thread(target=lambda: result.update(resp=srv.query(SLOW_SQL)))
+    t.start()
+    wait_for(lambda: srv.stats()["busy"] == 1, 10, what="the query to start")
+    srv.send_signal(sig)
+    t.join(60)
+    assert result["resp"].status == 200, result["resp"]
+    assert result["resp"].json()["data"] == [[SLOW_SUM]]
+    assert srv.stop() == 0
+    assert_no_leaks(srv)
+    assert srv.event("stopped")["exit_code"] == 0
+
+
+def test_grace_period_then_kill(make_server):
+    srv = make_server(config="[server]\nshutdown_grace_s = 1\n").start()
+    result = {}
+
+    def run():
+        try:
+            result["resp"] = srv.query(ENDLESS_SQL, timeout=60)
+        except OSError as exc:
+            result["error"] = exc
+    t = threading.Thread(target=run)
+    t.start()
+    wait_for(lambda: srv.stats()["busy"] == 1, 10, what="the query to start")
+    started = time.monotonic()
+    assert srv.stop(signal.SIGTERM, timeout=30) == 0
+    print(f"stopped {time.monotonic() - started:.2f} s after SIGTERM with a 1 s grace period")
+    t.join(30)
+    assert "error" in result or result["resp"].status >= 500
+    assert srv.events("killing"), "the stuck worker should have been killed"
+    assert_no_leaks(srv)
+
+
+def test_supervisor_sigkill_takes_children_along(make_server):
+    srv = make_server().start()
+    srv.query("SELECT * FROM range(1000)", format="arrow")  # a segment exists now
+    children = [p.pid for p in srv.children()]
+    assert len(children) == 3
+    srv.stop(signal.SIGKILL)
+    wait_for(lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+                             for p in children), 10, what="every child to die")
+    # The gateway cleaned its segments as it went; the runtime dir waits for the next start.
+    wait_for(lambda: not fleet_segments(srv.process.pid), 10, what="segments to go")
+    stale = list(srv.runtime_base.iterdir())
+    assert stale
+    again = make_server()
+    again.runtime_base = srv.runtime_base
+    again.env["DUCKFLEET_SERVER_RUNTIME_DIR"] = str(srv.runtime_base)
+    again.start()
+    assert not any(p.exists() for p in stale), "a restart sweeps what the dead fleet left"
+    assert again.stop() == 0
+    assert_no_leaks(again)
+
+
+def test_private_runtime_dir_and_modes(make_server):
+    srv = make_server().start()
+    srv.query("SELECT 42", format="arrow")
+    runtime = srv.runtime_dir
+    assert stat.S_IMODE(runtime.stat().st_mode) == 0o700
+    assert stat.S_IMODE((runtime / "workers.sock").stat().st_mode) == 0o600
+    assert stat.S_IMODE((runtime / "config.json").stat().st_mode) == 0o600
+    segments = fleet_segments(srv.process.pid)
+    assert segments
+    for name in segments:
+        assert stat.S_IMODE(os.stat(f"/dev/shm/{name}").st_mode) == 0o600
+    # Nothing else was written: the runtime base holds only the runtime dir.
+    assert list(srv.runtime_base.iterdir()) == [runtime]
+
+
+def test_unix_socket_http(make_server, tmp_path):
+    import http.client
+    import socket
+
+    path = tmp_path / "http.sock"
+    srv = make_server(config=f'[server]\nunix_socket = "{path}"\n').start()
+
+    class UnixConnection(http.client.HTTPConnection):
+        def connect(self):
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.connect(str(path))
+
+    conn = UnixConnection("localhost", timeout=30)
+    conn.request("POST", "/api/v1/query", body=b'{"sql": "SELECT 7 AS x"}')
+    assert conn.getresponse().read().startswith(b'{"success":true,"columns":["x"],"data":[[7]]')
+    conn.close()
+    assert srv.stop() == 0
+    assert not path.exists()
+
+
+def test_demo_data_written_on_first_start(make_server, tmp_path):
+    data = tmp_path / "fresh-data"
+    srv = make_server(data_dir=data).start()
+    assert srv.query("SELECT count(*) FROM cpu").json()["data"] == [[336_000]]
+    assert sorted(p.name for p in (data / "default").iterdir()) == ["cpu", "disk", "mem"]
+    assert [p.name for p in data.iterdir()] == ["default"]  # no staging dir left
