@@ -1,0 +1,80 @@
+"""Configuration: file, then environment, then flags; bad input named by key, before spawning."""
+
+import subprocess
+import sys
+
+import pytest
+
+from engine import config
+from engine.config import ConfigError
+from tests.harness import REPO
+
+
+def write(tmp_path, text):
+    path = tmp_path / "engine.toml"
+    path.write_text(text)
+    return path
+
+
+def test_repository_engine_toml_is_valid():
+    cfg = config.load(REPO / "engine.toml", env={})
+    assert cfg.duckdb.threads == 1
+    assert cfg.catalog.data_dir == str(REPO / "data")
+
+
+def test_precedence_file_env_flags(tmp_path):
+    path = write(tmp_path, "[server]\nport = 9000\nhost = '0.0.0.0'\n[queue]\nqueue_timeout_s = 2\n")
+    env = {"DUCKFLEET_SERVER_PORT": "9100", "DUCKFLEET_QUEUE_MAX_QUEUE_SIZE": "7",
+           "DUCKFLEET_QUERY_CACHE_TTL_SECONDS": "5"}
+    cfg = config.load(path, env=env, overrides={"server": {"port": 9200}})
+    assert cfg.server.port == 9200          # flag beats environment and file
+    assert cfg.queue.max_queue_size == 7    # environment beats the default
+    assert cfg.server.host == "0.0.0.0"     # file beats the default
+    assert cfg.queue.queue_timeout_s == 2.0
+    assert cfg.query_cache.ttl_seconds == 5.0
+    assert config.load(path, env=env).server.port == 9100
+
+
+def test_config_round_trips_to_children(tmp_path):
+    cfg = config.load(write(tmp_path, "[catalog.views]\nv = 'SELECT 1'\n"), env={})
+    assert config.decode(config.encode(cfg)) == cfg
+    with pytest.raises(AttributeError):
+        cfg.server.port = 1  # frozen
+
+
+@pytest.mark.parametrize("text, key", [
+    ("[server]\nport = 'eighty'\n", "server.port"),
+    ("[server]\nport = 70000\n", "server.port"),
+    ("[workers]\ncount = -1\n", "workers.count"),
+    ("[duckdb]\nthreads = 4\n", "duckdb.threads"),
+    ("[duckdb]\nmemory_limit = 'lots'\n", "duckdb.memory_limit"),
+    ("[queue]\nqueue_timeout_s = 0\n", "queue.queue_timeout_s"),
+    ("[server]\nprot = 8000\n", "prot"),
+    ("[nonsense]\na = 1\n", "nonsense"),
+    ("[query_cache]\nenabled = true\n", "query_cache.enabled"),
+])
+def test_bad_values_name_the_key(tmp_path, text, key):
+    with pytest.raises(ConfigError) as err:
+        config.load(write(tmp_path, text), env={})
+    assert key in str(err.value)
+
+
+def test_bad_env_names_the_variable(tmp_path):
+    with pytest.raises(ConfigError, match="server.port"):
+        config.load(None, env={"DUCKFLEET_SERVER_PORT": "x"})
+    with pytest.raises(ConfigError, match="DUCKFLEET_NOPE_X"):
+        config.load(None, env={"DUCKFLEET_NOPE_X": "1"})
+
+
+def test_bad_toml(tmp_path):
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        config.load(write(tmp_path, "[server\n"), env={})
+
+
+def test_supervisor_refuses_bad_config_before_spawning(tmp_path):
+    path = write(tmp_path, "[server]\nport = 'eighty'\n")
+    proc = subprocess.run([sys.executable, "-m", "engine.supervisor", "--config", str(path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2
+    assert "server.port" in proc.stderr and "cannot_start" in proc.stderr
+    assert "spawned" not in proc.stderr
