@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import http.client
 import json
 import os
 import platform
@@ -61,9 +62,13 @@ def large_results(server: Server, local: duckdb.DuckDBPyConnection, runs: int) -
     out = {}
     for rows, sql in LARGE.items():
         def through_duckfleet():
-            resp = server.query(sql, path="/api/v1/query/arrow", timeout=300)
-            assert resp.status == 200, resp
-            table = pa.ipc.open_stream(resp.body).read_all()
+            # As a pyarrow user reads it: parse the stream while it downloads.
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=300)
+            conn.request("POST", "/api/v1/query/arrow", json.dumps({"sql": sql}).encode())
+            resp = conn.getresponse()
+            assert resp.status == 200, resp.read()
+            table = pa.ipc.open_stream(resp).read_all()
+            conn.close()
             assert table.num_rows == rows
 
         def in_process():
