@@ -51,16 +51,28 @@ class DuckDBConfig(_Section):
     threads: Annotated[int, Meta(ge=1, le=1)] = 1  # one per worker: parallelism comes from workers
 
 
+Priority = Literal["high", "normal", "low"]
+
+
 class QueueConfig(_Section):
     max_queue_size: PositiveInt = 256
     queue_timeout_s: PositiveFloat = 5.0
     query_timeout_s: PositiveFloat = 300.0
+    cancel_grace_s: PositiveFloat = 5.0  # after an interrupt, how long a worker has to answer
+    priority_aging_s: Annotated[float, Meta(ge=0)] = 2.0  # head start of each priority level
+    default_priority: Priority = "normal"
+    arrow_priority: Priority = "normal"  # default on /api/v1/query/arrow (bulk exports)
 
 
 class ResultsConfig(_Section):
     max_result_mb: PositiveInt = 2048
     batch_rows: PositiveInt = 122880
-    shm_idle_mb: NonNegInt = 1024  # pre-touched segments kept for reuse, in all
+    chunk_mb: Annotated[int, Meta(ge=1, le=1024)] = 8  # segment size; larger results stream
+    shm_budget_mb: PositiveInt = 1024  # all segments in existence, lent or idle
+    shm_prealloc_mb: NonNegInt = 64  # segments allocated (pages touched) at start
+    shm_idle_mb: NonNegInt = 256  # free segments kept for reuse
+    stream_buffer_mb: PositiveInt = 256  # a slow client's result may wait in this much memory
+    send_timeout_s: PositiveFloat = 60.0  # a client that takes no bytes for this long is dropped
 
 
 class QueryCacheConfig(_Section):
@@ -138,6 +150,10 @@ def load(path: str | os.PathLike | None, env: dict[str, str] | None = None,
     config = _resolve_paths(config, base)
     if config.duckdb.memory_limit != "auto":
         parse_size(config.duckdb.memory_limit, "duckdb.memory_limit")
+    results = config.results
+    if results.shm_budget_mb < 2 * results.chunk_mb * config.worker_count:
+        raise ConfigError(f"results.shm_budget_mb: {results.shm_budget_mb} MiB cannot hold two "
+                          f"{results.chunk_mb} MiB segments for each of {config.worker_count} workers")
     if config.query_cache.enabled:
         raise ConfigError("query_cache.enabled: the result cache is not implemented yet; set it to false")
     if config.auth.enabled:

@@ -16,7 +16,7 @@ from typing import Any
 
 import msgspec
 
-VERSION = 1
+VERSION = 2
 MAGIC = b"DF"
 HEADER = struct.Struct("!2sBxI")
 MAX_FRAME = 64 * 1024 * 1024  # SQL text and parameters; results travel in shared memory
@@ -35,24 +35,46 @@ class Hello(msgspec.Struct, tag=True, frozen=True):
 
 
 class Query(msgspec.Struct, tag=True, frozen=True):
-    """Gateway -> worker: run sql, write the encoded result into the named segment."""
+    """Gateway -> worker: run sql, write the encoded result into the lent segment.
+
+    A result larger than chunk_bytes is written as a sequence of segments: each full one is
+    handed back in a Chunk, and the worker continues in the next segment the gateway Grants.
+    """
     id: int
     sql: str
     format: str
     segment: str
+    chunk_bytes: int
     params: list[Any] | None = None
     max_result_bytes: int = 0
     batch_rows: int = 122880
 
 
-class Cancel(msgspec.Struct, tag=True, frozen=True):
-    """Gateway -> worker: interrupt query `id` if it is still running."""
+class Grant(msgspec.Struct, tag=True, frozen=True):
+    """Gateway -> worker: one more segment for query `id` (ignored once it has finished)."""
     id: int
+    segment: str
+
+
+class Cancel(msgspec.Struct, tag=True, frozen=True):
+    """Gateway -> worker: stop query `id` if it is still running."""
+    id: int
+
+
+class Chunk(msgspec.Struct, tag=True, frozen=True):
+    """Worker -> gateway: the next `length` bytes of query `id`'s result are in `segment`."""
+    id: int
+    segment: str
+    length: int
 
 
 class Result(msgspec.Struct, tag=True, frozen=True):
-    """Worker -> gateway: the segment holds `length` bytes of the encoded result."""
+    """Worker -> gateway, final: the last `length` bytes of the result are in `segment`.
+
+    After a final message (Result or Failure) the worker holds no segment of this query.
+    """
     id: int
+    segment: str
     length: int
     rows: int
     execution_ms: float
@@ -65,7 +87,7 @@ class Failure(msgspec.Struct, tag=True, frozen=True):
     message: str
 
 
-Message = Hello | Query | Cancel | Result | Failure
+Message = Hello | Query | Grant | Cancel | Chunk | Result | Failure
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)
 

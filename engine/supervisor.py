@@ -206,7 +206,7 @@ def bind_listeners(server: config_mod.ServerConfig) -> list[socket.socket]:
 def sweep_dead_runtime_dirs(base: Path) -> None:
     for path in base.glob(f"{RUNTIME_PREFIX}*-*"):
         pid_text = path.name[len(RUNTIME_PREFIX):].split("-", 1)[0]
-        if pid_text.isdigit() and not shm._alive(int(pid_text)) and path.owner() == _user():
+        if pid_text.isdigit() and not shm.pid_alive(int(pid_text)) and path.owner() == _user():
             shutil.rmtree(path, ignore_errors=True)
 
 

@@ -31,7 +31,7 @@ from engine import catalog, config as config_mod, log as log_mod, policy, protoc
 from engine.encode import FORMATS, write_result
 from engine.errors import Kind, QueryError
 from engine.process import BOOT_FAILED, die_with_parent, malloc_trim
-from engine.shm import SegmentWriter
+from engine.shm import ChunkWriter
 
 log = log_mod.get()
 
@@ -73,23 +73,33 @@ class Worker:
         self.cfg = cfg
         self.con = con
         self.sock = sock
-        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()   # Query, or None: stop
+        self.grants: queue.SimpleQueue = queue.SimpleQueue()  # segment name, or None: cancelled
         self._running_id: int | None = None
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards _running_id against the reader thread
 
     def read_loop(self) -> None:
-        """Reader thread: queue queries, interrupt on Cancel, stop the worker on EOF."""
+        """Reader thread: queue queries and grants, interrupt on Cancel, stop on EOF."""
         try:
             while (message := protocol.recv(self.sock)) is not None:
                 if isinstance(message, protocol.Query):
                     self.inbox.put(message)
-                elif isinstance(message, protocol.Cancel):
+                elif isinstance(message, protocol.Grant):
                     with self._lock:
                         if self._running_id == message.id:
-                            self.con.interrupt()
+                            self.grants.put(message.segment)
+                elif isinstance(message, protocol.Cancel):
+                    self._cancel(message.id)
         except (OSError, protocol.ProtocolError) as exc:
             log.warning("gateway_connection_failed", error=str(exc))
+        self._cancel(None)
         self.inbox.put(None)
+
+    def _cancel(self, query_id: int | None) -> None:
+        with self._lock:
+            if self._running_id is not None and query_id in (None, self._running_id):
+                self.con.interrupt()
+                self.grants.put(None)  # wakes a writer waiting for a segment
 
     def serve(self) -> None:
         while (query := self.inbox.get()) is not None:
@@ -99,26 +109,39 @@ class Worker:
             except OSError:
                 return
 
+    def _next_segment(self) -> str:
+        name = self.grants.get()
+        if name is None:
+            raise QueryError(Kind.TIMEOUT, "query cancelled")
+        return name
+
     def run(self, query: protocol.Query) -> protocol.Result | protocol.Failure:
         started = time.perf_counter()
         with self._lock:
             self._running_id = query.id
+            while not self.grants.empty():  # grants of an earlier query, reclaimed by the gateway
+                self.grants.get_nowait()
+
+        def hand_over(segment: str, length: int) -> None:
+            protocol.send(self.sock, protocol.Chunk(query.id, segment, length))
+
         try:
             if query.format not in FORMATS:
                 raise QueryError(Kind.BAD_REQUEST, f"unknown format {query.format!r}")
             policy.check(self.con, query.sql)
-            with SegmentWriter(query.segment, query.max_result_bytes) as sink:
+            with ChunkWriter(query.segment, query.chunk_bytes, query.max_result_bytes,
+                             hand_over, self._next_segment) as sink:
                 rel = self.con.sql(query.sql, params=query.params) if query.params else self.con.sql(query.sql)
                 if rel is None:
                     raise QueryError(Kind.BAD_REQUEST, "the statement returns no result")
                 rows = write_result(rel, query.format, sink, query.batch_rows)
                 del rel
-                length = sink.position
-            return protocol.Result(query.id, length, rows, (time.perf_counter() - started) * 1000)
+                return protocol.Result(query.id, sink.segment, sink.position, rows,
+                                       (time.perf_counter() - started) * 1000)
         except QueryError as exc:
             return protocol.Failure(query.id, exc.kind, exc.message)
         except duckdb.InterruptException:
-            return protocol.Failure(query.id, Kind.TIMEOUT, "query interrupted: it ran past its deadline")
+            return protocol.Failure(query.id, Kind.TIMEOUT, "query interrupted")
         except duckdb.OutOfMemoryException as exc:
             return protocol.Failure(query.id, Kind.OUT_OF_MEMORY,
                                     f"{exc} (this worker's memory_limit is "

@@ -30,6 +30,7 @@ def make_app(fleet: Fleet, cfg: config_mod.Config) -> web.Application:
     app = web.Application(client_max_size=cfg.server.max_body_kb * 1024,
                           middlewares=[handlers.errors_middleware])
     app[handlers.FLEET] = fleet
+    app[handlers.CONFIG] = cfg
     app.add_routes(handlers.routes())
     return app
 
@@ -37,11 +38,15 @@ def make_app(fleet: Fleet, cfg: config_mod.Config) -> web.Application:
 async def serve(runtime: Path, supervisor_pid: int, listen_fds: list[int]) -> None:
     cfg = config_mod.decode((runtime / "config.json").read_bytes())
     log = log_mod.setup("gateway", cfg.server.log_level)
+    results, queue = cfg.results, cfg.queue
     segments = shm.SegmentPool(shm.owner_prefix(supervisor_pid, os.getpid()),
-                               cfg.results.shm_idle_mb * 2**20)
-    fleet = Fleet(segments, cfg.queue.max_queue_size, cfg.queue.queue_timeout_s,
-                  cfg.queue.query_timeout_s, cfg.results.max_result_mb * 2**20,
-                  cfg.results.batch_rows)
+                               results.chunk_mb * 2**20, results.shm_budget_mb * 2**20,
+                               results.shm_idle_mb * 2**20)
+    segments.prealloc(results.shm_prealloc_mb * 2**20)
+    fleet = Fleet(segments, max_queue=queue.max_queue_size, queue_timeout=queue.queue_timeout_s,
+                  query_timeout=queue.query_timeout_s, cancel_grace=queue.cancel_grace_s,
+                  aging=queue.priority_aging_s, max_result_bytes=results.max_result_mb * 2**20,
+                  batch_rows=results.batch_rows, stream_buffer=results.stream_buffer_mb * 2**20)
     worker_socket = runtime / "workers.sock"
     worker_socket.unlink(missing_ok=True)
     old_umask = os.umask(0o177)  # the socket file is created 0600
@@ -50,8 +55,9 @@ async def serve(runtime: Path, supervisor_pid: int, listen_fds: list[int]) -> No
     finally:
         os.umask(old_umask)
 
+    # handler_cancellation: a client that disconnects cancels its request, wherever it is.
     runner = web.AppRunner(make_app(fleet, cfg), handle_signals=False, access_log=None,
-                           shutdown_timeout=cfg.server.shutdown_grace_s)
+                           shutdown_timeout=cfg.server.shutdown_grace_s, handler_cancellation=True)
     await runner.setup()
     for fd in listen_fds:
         sock = socket.socket(fileno=fd)

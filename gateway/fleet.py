@@ -1,20 +1,29 @@
-"""The gateway's view of the workers: one link per connected worker, and dispatch.
+"""The gateway's view of the workers: links, the admission queue, and one Job per query.
 
-Runs on the gateway's event loop only; nothing here blocks. Workers connect to the gateway's
-worker socket and say Hello; each becomes a WorkerLink, idle until a request takes it.
-`Fleet.run` waits (bounded by max_queue_size and queue_timeout_s) for an idle worker, lends it
-a shared-memory segment, sends the query and awaits the reply.
+Runs on the gateway's event loop only; nothing here blocks.
 
-Ownership rule: a segment lent to a worker comes back to the pool only after the worker has
-replied or died, never while it might still write into it. A timed-out query is interrupted
-(Cancel); if the worker does not answer within the grace period, the client gets its 504 and
-the worker and segment are returned when the late reply comes (or the worker dies).
+Admission: a request takes an idle worker or waits in a bounded queue (max_queue_size) for at
+most queue_timeout_s; either limit gives OVERLOADED. Waiters are served by key = arrival time +
+rank x priority_aging_s (high 0, normal 1, low 2): higher priorities go first, and a waiter of
+lower priority goes first once it has waited that much longer, so none starves.
+
+A Job follows one query from Query to the worker's final reply. The worker writes the result
+into segments lent by the pool: a full one comes back as a Chunk for the caller to send, and the
+job grants a spare so the worker never waits for the client, as long as the client's unsent
+chunks stay under stream_buffer_mb and the pool's budget has room (back-pressure otherwise).
+The worker is returned to the idle set the moment its final reply arrives, before the client has
+all the bytes. Segments go back to the pool once sent, or at once if the caller has gone.
+
+Deadline: at query_timeout_s (or the request's lower timeout) the job sends Cancel, which
+interrupts DuckDB; if the worker has not answered after cancel_grace_s the caller gets its
+TIMEOUT anyway, and the worker stays busy until it replies or dies.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import heapq
 import itertools
 import time
 
@@ -26,15 +35,11 @@ from engine.shm import Segment, SegmentPool
 
 log = log_mod.get()
 
-CANCEL_GRACE_S = 5.0
-
-
-class WorkerLost(Exception):
-    pass
+PRIORITY_RANK = {"high": 0, "normal": 1, "low": 2}
 
 
 class WorkerLink:
-    """One connected worker. `busy` while it holds a query (or a late one after a timeout)."""
+    """One connected worker; `job` is the query it is running, if any."""
 
     def __init__(self, hello: protocol.Hello, reader: asyncio.StreamReader,
                  writer: asyncio.StreamWriter):
@@ -45,14 +50,17 @@ class WorkerLink:
         self.reader = reader
         self.writer = writer
         self.served = 0
-        self.busy = False
         self.alive = True
-        self._reply: asyncio.Future | None = None
-        self._on_late_reply = None  # called once the reply to an abandoned query arrives
+        self.job: Job | None = None
+        self.busy = False
 
     @property
     def state(self) -> str:
         return "busy" if self.busy else "idle"
+
+    def send(self, message: protocol.Message) -> None:
+        if self.alive:
+            protocol.write(self.writer, message)
 
     def rss(self) -> int | None:
         try:
@@ -60,70 +68,176 @@ class WorkerLink:
         except psutil.Error:
             return None
 
-    async def execute(self, query: protocol.Query, timeout: float) -> protocol.Result | protocol.Failure:
-        """The worker's reply. Raises WorkerLost, or TimeoutError when it ignores a Cancel."""
-        if not self.alive:
-            raise WorkerLost(f"worker {self.worker_id} is gone")
-        self._reply = asyncio.get_running_loop().create_future()
-        protocol.write(self.writer, query)
-        try:
-            return await asyncio.wait_for(asyncio.shield(self._reply), timeout)
-        except TimeoutError:
-            if self.alive:
-                protocol.write(self.writer, protocol.Cancel(query.id))
-            return await asyncio.wait_for(asyncio.shield(self._reply), CANCEL_GRACE_S)
 
-    def abandon(self, on_late_reply) -> None:
-        """The current query's caller gave up; run on_late_reply() when the worker is done."""
-        if self._reply is not None and not self._reply.done():
-            self._on_late_reply = on_late_reply
+class Job:
+    """One query on one worker, and every segment lent for it."""
+
+    def __init__(self, fleet: Fleet, link: WorkerLink, query_id: int, timeout: float,
+                 wait_ms: float):
+        self.fleet = fleet
+        self.link = link
+        self.id = query_id
+        self.timeout = timeout
+        self.wait_ms = wait_ms
+        self.lent: dict[str, Segment] = {}   # held by the worker
+        self.items: asyncio.Queue = asyncio.Queue()  # for the caller: chunks, then the end
+        self.unsent = 0                      # chunks handed to the caller, not yet sent
+        self.finished = False                # the worker has sent its final reply, or died
+        self.closed = False                  # the caller is done with this job
+        self.timed_out = False
+        self._granting = False
+        self._timer = asyncio.get_running_loop().call_later(timeout, self._expire)
+
+    def start(self, query: protocol.Query, segment: Segment) -> None:
+        self.lent[segment.name] = segment
+        self.link.send(query)
+        self._grant()
+
+    # --- the caller's side ---
+
+    async def next(self) -> tuple[Segment, int, protocol.Result | None]:
+        """(segment, length, None) for a chunk; (segment, length, Result) for the last piece."""
+        item = await self.items.get()
+        if isinstance(item, QueryError):
+            raise item
+        return item
+
+    def sent(self, segment: Segment) -> None:
+        self.fleet.segments.release(segment)
+        self.unsent -= 1
+        self._grant()
+
+    def close(self) -> None:
+        """The caller is done: free what it did not send, stop the worker if it still runs."""
+        self.closed = True
+        while not self.items.empty():
+            item = self.items.get_nowait()
+            if isinstance(item, tuple):
+                self.fleet.segments.release(item[0])
+        if not self.finished:
+            self.link.send(protocol.Cancel(self.id))
+
+    # --- the worker's side (called by the link's reader) ---
+
+    def on_chunk(self, message: protocol.Chunk) -> None:
+        segment = self.lent.pop(message.segment)
+        if self.closed:
+            self.fleet.segments.release(segment)
         else:
-            on_late_reply()
+            self.unsent += 1
+            self.items.put_nowait((segment, message.length, None))
+        self._grant()
 
-    async def read_loop(self, on_gone) -> None:
+    def on_final(self, message: protocol.Result | protocol.Failure) -> None:
+        self._finish()
+        if isinstance(message, protocol.Result):
+            segment = self.lent.pop(message.segment)
+            self._reclaim()
+            if self.closed:
+                self.fleet.segments.release(segment)
+            else:
+                self.unsent += 1
+                self.items.put_nowait((segment, message.length, message))
+            return
+        self._reclaim()
+        if message.kind == Kind.TIMEOUT:
+            self.items.put_nowait(self._timeout_error())
+        else:
+            self.items.put_nowait(QueryError(Kind(message.kind), message.message))
+
+    def on_lost(self) -> None:
+        self._finish()
+        self._reclaim()
+        self.items.put_nowait(QueryError(
+            Kind.WORKER_LOST, f"worker {self.link.worker_id} died while running the query; retry"))
+
+    def _finish(self) -> None:
+        self.finished = True
+        self._timer.cancel()
+
+    def _reclaim(self) -> None:
+        """After the final reply the worker holds nothing: take back unused grants."""
+        for segment in self.lent.values():
+            self.fleet.segments.release(segment)
+        self.lent.clear()
+
+    # --- deadline ---
+
+    def _expire(self) -> None:
+        if self.finished:
+            return
+        self.timed_out = True
+        self.fleet.timeouts += 1
+        self.link.send(protocol.Cancel(self.id))
+        self._timer = asyncio.get_running_loop().call_later(self.fleet.cancel_grace, self._give_up)
+
+    def _give_up(self) -> None:
+        if not self.finished:
+            log.warning("worker_ignores_cancel", worker=self.link.worker_id, query_id=self.id)
+            self.items.put_nowait(self._timeout_error())
+
+    def _timeout_error(self) -> QueryError:
+        return QueryError(Kind.TIMEOUT, f"query ran past its {self.timeout:g} s deadline and "
+                                        "was interrupted")
+
+    # --- grants: keep one spare segment with the worker while there is room ---
+
+    def _wants_segment(self) -> bool:
+        buffered = (self.unsent + len(self.lent)) * self.fleet.segments.chunk_bytes
+        return (not self.finished and not self.closed and not self._granting
+                and len(self.lent) < 2 and buffered < self.fleet.stream_buffer)
+
+    def _grant(self) -> None:
+        if not self._wants_segment():
+            return
+        segment = self.fleet.segments.try_acquire()
+        if segment is not None:
+            self._give_segment(segment)
+        else:
+            self._granting = True
+            task = asyncio.ensure_future(self._grant_later())
+            self.fleet.tasks.add(task)
+            task.add_done_callback(self.fleet.tasks.discard)
+
+    async def _grant_later(self) -> None:
         try:
-            while (message := await protocol.read(self.reader)) is not None:
-                if isinstance(message, (protocol.Result, protocol.Failure)):
-                    self._resolve(message)
-        except (OSError, protocol.ProtocolError) as exc:
-            log.warning("worker_link_failed", worker=self.worker_id, error=str(exc))
+            segment = await self.fleet.segments.acquire()
         finally:
-            self.alive = False
-            if self._reply is not None and not self._reply.done():
-                self._reply.set_exception(WorkerLost(f"worker {self.worker_id} (pid {self.pid}) died"))
-                self._reply.exception()  # mark retrieved: an abandoned query has no awaiter
-            self._finish_late()
-            self.writer.close()
-            on_gone(self)
+            self._granting = False
+        if self.finished or self.closed:
+            self.fleet.segments.release(segment)
+        else:
+            self._give_segment(segment)
 
-    def _resolve(self, message) -> None:
-        if self._reply is not None and not self._reply.done():
-            self._reply.set_result(message)
-        self._finish_late()
-
-    def _finish_late(self) -> None:
-        if self._on_late_reply is not None:
-            callback, self._on_late_reply = self._on_late_reply, None
-            callback()
+    def _give_segment(self, segment: Segment) -> None:
+        self.lent[segment.name] = segment
+        self.link.send(protocol.Grant(self.id, segment.name))
+        self._grant()
 
 
 class Fleet:
-    def __init__(self, segments: SegmentPool, max_queue: int, queue_timeout: float,
-                 query_timeout: float, max_result_bytes: int, batch_rows: int):
+    def __init__(self, segments: SegmentPool, *, max_queue: int, queue_timeout: float,
+                 query_timeout: float, cancel_grace: float, aging: float,
+                 max_result_bytes: int, batch_rows: int, stream_buffer: int):
         self.segments = segments
         self.max_queue = max_queue
         self.queue_timeout = queue_timeout
         self.query_timeout = query_timeout
+        self.cancel_grace = cancel_grace
+        self.aging = aging
         self.max_result_bytes = max_result_bytes
         self.batch_rows = batch_rows
+        self.stream_buffer = stream_buffer
         self.links: dict[int, WorkerLink] = {}
         self._idle: collections.deque[WorkerLink] = collections.deque()
-        self._waiters: collections.deque[asyncio.Future] = collections.deque()
+        self._waiters: list[tuple[float, int, asyncio.Future, str]] = []  # a heap
+        self._seq = itertools.count()
         self._ids = itertools.count(1)
-        self._tasks: set[asyncio.Task] = set()
+        self.tasks: set[asyncio.Task] = set()
         self.served = 0
         self.crashed = 0
         self.timeouts = 0
+        self.rejected = {"queue_full": 0, "queue_timeout": 0}
 
     # --- membership ---
 
@@ -142,15 +256,35 @@ class Fleet:
         self.links[link.pid] = link
         log.info("worker_joined", worker=link.worker_id, worker_pid=link.pid)
         self._give(link)
-        await link.read_loop(self._gone)
+        await self._read_loop(link)
 
-    def _gone(self, link: WorkerLink) -> None:
-        self.links.pop(link.pid, None)
-        if link in self._idle:
-            self._idle.remove(link)
-        if link.busy:
-            self.crashed += 1
-        log.info("worker_left", worker=link.worker_id, worker_pid=link.pid, busy=link.busy)
+    async def _read_loop(self, link: WorkerLink) -> None:
+        try:
+            while (message := await protocol.read(link.reader)) is not None:
+                job = link.job
+                if job is None or getattr(message, "id", None) != job.id:
+                    continue
+                if isinstance(message, protocol.Chunk):
+                    job.on_chunk(message)
+                elif isinstance(message, (protocol.Result, protocol.Failure)):
+                    link.job = None
+                    link.served += 1
+                    self.served += 1
+                    job.on_final(message)
+                    self._give(link)
+        except (OSError, protocol.ProtocolError) as exc:
+            log.warning("worker_link_failed", worker=link.worker_id, error=str(exc))
+        finally:
+            link.alive = False
+            link.writer.close()
+            self.links.pop(link.pid, None)
+            if link in self._idle:
+                self._idle.remove(link)
+            if link.job is not None:
+                self.crashed += 1
+                link.job.on_lost()
+                link.job = None
+            log.info("worker_left", worker=link.worker_id, worker_pid=link.pid)
 
     @property
     def ready(self) -> int:
@@ -160,38 +294,40 @@ class Fleet:
     def busy(self) -> int:
         return sum(link.busy for link in self.links.values())
 
-    @property
-    def queued(self) -> int:
-        return sum(not w.done() for w in self._waiters)
+    def queued(self, priority: str | None = None) -> int:
+        return sum(not f.done() and priority in (None, p) for _, _, f, p in self._waiters)
 
-    # --- dispatch ---
+    # --- admission ---
 
     def _give(self, link: WorkerLink) -> None:
         link.busy = False
         if not link.alive:
             return
         while self._waiters:
-            waiter = self._waiters.popleft()
+            _, _, waiter, _ = heapq.heappop(self._waiters)
             if not waiter.done():
                 link.busy = True
                 waiter.set_result(link)
                 return
         self._idle.append(link)
 
-    async def _acquire(self) -> WorkerLink:
+    async def _acquire(self, priority: str) -> WorkerLink:
         while self._idle:
             link = self._idle.popleft()
             if link.alive:
                 link.busy = True
                 return link
-        if self.queued >= self.max_queue:
+        if self.queued() >= self.max_queue:
+            self.rejected["queue_full"] += 1
             raise QueryError(Kind.OVERLOADED,
                              f"the queue is full (max_queue_size = {self.max_queue})")
         waiter = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
+        key = time.monotonic() + PRIORITY_RANK[priority] * self.aging
+        heapq.heappush(self._waiters, (key, next(self._seq), waiter, priority))
         try:
             return await asyncio.wait_for(waiter, self.queue_timeout)
         except TimeoutError:
+            self.rejected["queue_timeout"] += 1
             raise QueryError(Kind.OVERLOADED, f"no worker became free within queue_timeout_s "
                                               f"= {self.queue_timeout:g}") from None
         except asyncio.CancelledError:
@@ -200,59 +336,43 @@ class Fleet:
                 self._give(waiter.result())
             raise
 
-    async def run(self, sql: str, fmt: str, params: list | None,
-                  timeout_s: float | None) -> tuple[protocol.Result, Segment, float]:
-        """Run one query; returns (reply, segment holding the result, wait ms).
-
-        The caller sends the segment's bytes, then gives it back with segments.release().
-        """
+    async def submit(self, sql: str, fmt: str, params: list | None, timeout_s: float | None,
+                     priority: str) -> Job:
+        """Admit, take a worker and a segment, send the query; the caller reads the Job."""
         started = time.perf_counter()
-        link = await self._acquire()
-        wait_ms = (time.perf_counter() - started) * 1000
-        segment = self.segments.acquire()
-        query = protocol.Query(next(self._ids), sql, fmt, segment.name, params,
-                               self.max_result_bytes, self.batch_rows)
-        timeout = min(timeout_s, self.query_timeout) if timeout_s else self.query_timeout
-        released = False
+        link = await self._acquire(priority)
         try:
-            reply = await link.execute(query, timeout)
-            link.served += 1
-            self.served += 1
-        except WorkerLost:
-            self.segments.release(segment)
-            raise QueryError(Kind.WORKER_LOST,
-                             f"worker {link.worker_id} died while running the query; retry") from None
-        except (TimeoutError, asyncio.CancelledError) as exc:
-            # The worker may still write into the segment: both return when it is done.
-            released = True
-            link.abandon(lambda: (self.segments.release(segment), self._give(link)))
-            if isinstance(exc, TimeoutError):
-                self.timeouts += 1
-                raise QueryError(Kind.TIMEOUT, f"query ran past its {timeout:g} s deadline") from None
+            segment = await self.segments.acquire()
+        except BaseException:
+            self._give(link)
             raise
-        finally:
-            if not released:
-                self._give(link)
-        if isinstance(reply, protocol.Failure):
-            self.segments.release(segment)
-            if reply.kind == Kind.TIMEOUT:
-                self.timeouts += 1
-                raise QueryError(Kind.TIMEOUT, f"query ran past its {timeout:g} s deadline and was interrupted")
-            raise QueryError(Kind(reply.kind), reply.message)
-        return reply, segment, wait_ms
+        wait_ms = (time.perf_counter() - started) * 1000
+        timeout = min(timeout_s, self.query_timeout) if timeout_s else self.query_timeout
+        job = Job(self, link, next(self._ids), timeout, wait_ms)
+        link.job = job
+        job.start(protocol.Query(job.id, sql, fmt, segment.name, self.segments.chunk_bytes,
+                                 params, self.max_result_bytes, self.batch_rows), segment)
+        return job
 
     def stats(self) -> dict:
         workers = [{"id": link.worker_id, "pid": link.pid, "state": link.state,
                     "served": link.served, "rss_bytes": link.rss(),
                     "memory_limit": link.memory_limit}
                    for link in sorted(self.links.values(), key=lambda l: l.worker_id)]
+        pool = self.segments
         return {"worker_count": len(workers), "busy": self.busy, "idle": len(workers) - self.busy,
-                "queued": self.queued, "served": self.served, "recycled": 0,
-                "crashed": self.crashed, "timeouts": self.timeouts,
-                "shm_segments_in_use": self.segments.in_use, "shm_segments_idle": self.segments.idle,
+                "queued": self.queued(),
+                "queued_by_priority": {p: self.queued(p) for p in PRIORITY_RANK},
+                "served": self.served, "recycled": 0, "crashed": self.crashed,
+                "timeouts": self.timeouts, "rejected": dict(self.rejected),
+                "shm_segments_in_use": pool.in_use, "shm_segments_idle": pool.idle,
+                "shm_segments_created": pool.created, "shm_segment_bytes": pool.chunk_bytes,
+                "shm_waiting": pool.waiting,
                 "workers": workers}
 
     def close(self) -> None:
         for link in list(self.links.values()):
             link.writer.close()
+        for task in self.tasks:
+            task.cancel()
         self.segments.close()

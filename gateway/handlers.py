@@ -9,12 +9,13 @@ import msgspec
 from aiohttp import web
 
 from engine import log as log_mod
-from engine.encode import MEDIA_TYPES
+from engine.config import Config
 from engine.errors import Kind, QueryError
 from gateway import render
 from gateway.fleet import Fleet
 
 FLEET = web.AppKey("fleet", Fleet)
+CONFIG = web.AppKey("config", Config)
 log = log_mod.get()
 
 
@@ -23,7 +24,7 @@ class QueryRequest(msgspec.Struct):
     format: Literal["json", "arrow", "csv", "ndjson", "parquet"] = "json"
     params: list[Any] | None = None
     timeout_ms: Annotated[int, msgspec.Meta(gt=0)] | None = None
-    priority: Literal["high", "normal", "low"] = "normal"
+    priority: Literal["high", "normal", "low"] | None = None  # None: the route's default
 
 
 _decoder = msgspec.json.Decoder(QueryRequest)
@@ -63,29 +64,25 @@ async def parse_query(request: web.Request) -> QueryRequest:
     return query
 
 
-async def run_query(request: web.Request, fmt: str | None = None) -> web.StreamResponse:
+async def run_query(request: web.Request, fmt: str | None, priority: str) -> web.StreamResponse:
     query = await parse_query(request)
     fmt = fmt or query.format
-    fleet = request.app[FLEET]
     timeout = query.timeout_ms / 1000 if query.timeout_ms else None
-    reply, segment, wait_ms = await fleet.run(query.sql, fmt, query.params, timeout)
+    job = await request.app[FLEET].submit(query.sql, fmt, query.params, timeout,
+                                          query.priority or priority)
     try:
-        headers = {"X-Row-Count": str(reply.rows),
-                   "X-Execution-Time-Ms": f"{reply.execution_ms:.3f}",
-                   "X-Wait-Time-Ms": f"{wait_ms:.3f}"}
-        tail = render.json_tail(reply.execution_ms, wait_ms) if fmt == "json" else b""
-        return await render.send_segment(request, segment, reply.length, tail,
-                                         MEDIA_TYPES[fmt], headers)
+        return await render.send_result(request, job, fmt,
+                                        request.app[CONFIG].results.send_timeout_s)
     finally:
-        fleet.segments.release(segment)
+        job.close()
 
 
 async def query(request: web.Request) -> web.StreamResponse:
-    return await run_query(request)
+    return await run_query(request, None, request.app[CONFIG].queue.default_priority)
 
 
 async def query_arrow(request: web.Request) -> web.StreamResponse:
-    return await run_query(request, "arrow")
+    return await run_query(request, "arrow", request.app[CONFIG].queue.arrow_priority)
 
 
 async def health(request: web.Request) -> web.Response:

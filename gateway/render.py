@@ -1,25 +1,36 @@
 """Responses: the one place that maps error kinds to HTTP, and the sender of result bytes.
 
-Result bytes go from the shared-memory segment to the socket as memoryview slices of a
-read-only mapping: no copy in Python, no decode. The transport's write buffer limit is set to
-zero while a segment is being sent, so every drain waits until the kernel has taken the
-bytes: when send_segment returns, nothing refers to the segment any more and it can be reused.
+Result bytes go from shared-memory segments to the socket as memoryview slices of the
+gateway's read-only mapping: no copy in Python, no decoding. While a segment is being sent
+the transport's write-buffer limit is zero, so each drain waits until the kernel holds the
+bytes: once a segment's send returns, nothing refers to it and the pool may lend it again.
+
+A result that fits one segment is sent with Content-Length and every X- header. A larger one
+streams as it is produced (chunked transfer encoding): the first bytes leave once one segment
+is full, whatever the size, and X-Row-Count / X-Execution-Time-Ms are not known in time for
+the headers (JSON carries both in its body). If such a result fails midway, or a client takes
+no bytes for send_timeout_s, the connection is aborted without the final chunk, so the client
+sees a truncated transfer, never a silently short result.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime
-import os
-import time
 
 import msgspec
 from aiohttp import web
 
-from engine.errors import Kind
+from engine import log as log_mod
+from engine.encode import MEDIA_TYPES
+from engine.errors import Kind, QueryError
 from engine.shm import Segment
+from gateway.fleet import Job
 
-CHUNK = 4 * 1024 * 1024
-SMALL = 256 * 1024  # results up to this size are read with one pread instead of mapped
+log = log_mod.get()
+
+SLICE = 4 * 1024 * 1024
+SMALL = 256 * 1024  # results up to this size are copied into one response body
 
 STATUS = {
     Kind.BAD_REQUEST: 400,
@@ -49,37 +60,66 @@ def json_tail(execution_ms: float, wait_ms: float) -> bytes:
             f'"timestamp":"{stamp}","error":null}}').encode()
 
 
-async def send_segment(request: web.Request, segment: Segment, length: int, tail: bytes,
-                       content_type: str, headers: dict[str, str]) -> web.StreamResponse:
-    if length <= SMALL:
-        body = os.pread(segment.fd, length, 0) + tail
-        return web.Response(body=body, headers={**headers, "Content-Type": content_type})
-    response = web.StreamResponse(status=200, headers=headers)
-    response.content_type = content_type
-    response.content_length = length + len(tail)
+async def send_result(request: web.Request, job: Job, fmt: str, send_timeout: float) -> web.StreamResponse:
+    segment, length, result = await job.next()
+    headers = {"Content-Type": MEDIA_TYPES[fmt], "X-Wait-Time-Ms": f"{job.wait_ms:.3f}"}
+    if result is not None:
+        return await _send_whole(request, job, fmt, segment, length, result, headers, send_timeout)
+    response = web.StreamResponse(headers=headers)
+    response.enable_chunked_encoding()
     writer = await response.prepare(request)
-    transport = request.transport
-    if length and transport is not None:
-        mapping = segment.map(length)
-        view = memoryview(mapping)
-        transport.set_write_buffer_limits(high=0)
-        try:
-            for offset in range(0, length, CHUNK):
-                await response.write(view[offset:offset + CHUNK])
-            await writer.drain()  # with the limit at zero: until the kernel has every byte
-        finally:
-            view.release()
+    try:
+        while True:
             try:
-                mapping.close()
-            except BufferError:  # a closed connection may still hold a slice; GC frees it
-                pass
-            if not transport.is_closing():
-                transport.set_write_buffer_limits()
+                await _send_view(request, response, writer, segment.view[:length], send_timeout)
+            finally:
+                job.sent(segment)
+            if result is not None:
+                break
+            segment, length, result = await job.next()
+        if fmt == "json":
+            await response.write(json_tail(result.execution_ms, job.wait_ms))
+        await response.write_eof()
+    except (QueryError, TimeoutError) as exc:
+        log.warning("stream_aborted", query_id=job.id, error=str(exc))
+        if request.transport is not None:
+            request.transport.abort()
+    return response
+
+
+async def _send_whole(request, job: Job, fmt: str, segment: Segment, length: int,
+                      result, headers: dict, send_timeout: float) -> web.StreamResponse:
+    headers.update({"X-Row-Count": str(result.rows),
+                    "X-Execution-Time-Ms": f"{result.execution_ms:.3f}"})
+    tail = json_tail(result.execution_ms, job.wait_ms) if fmt == "json" else b""
+    try:
+        if length <= SMALL:
+            return web.Response(body=bytes(segment.view[:length]) + tail, headers=headers)
+        response = web.StreamResponse(headers=headers)
+        response.content_length = length + len(tail)
+        writer = await response.prepare(request)
+        await _send_view(request, response, writer, segment.view[:length], send_timeout)
+    finally:
+        job.sent(segment)
     if tail:
         await response.write(tail)
     await response.write_eof()
     return response
 
 
-def now_ms() -> float:
-    return time.perf_counter() * 1000
+async def _send_view(request: web.Request, response: web.StreamResponse, writer,
+                     view: memoryview, send_timeout: float) -> None:
+    """Write view and wait until the kernel has all of it (see the module docstring)."""
+    transport = request.transport
+    if transport is None:
+        raise ConnectionResetError("client went away")
+    transport.set_write_buffer_limits(high=0)
+    try:
+        for offset in range(0, len(view), SLICE):
+            async with asyncio.timeout(send_timeout):
+                await response.write(view[offset:offset + SLICE])
+        async with asyncio.timeout(send_timeout):
+            await writer.drain()  # with the limit at zero: until the kernel has every byte
+    finally:
+        if not transport.is_closing():
+            transport.set_write_buffer_limits()

@@ -123,8 +123,11 @@ def test_grace_period_then_kill(make_server):
     assert srv.stop(signal.SIGTERM, timeout=30) == 0
     print(f"stopped {time.monotonic() - started:.2f} s after SIGTERM with a 1 s grace period")
     t.join(30)
+    # Past the grace period the query is interrupted (or its worker killed): the client sees
+    # an error or a closed connection, never a hang.
     assert "error" in result or result["resp"].status >= 500
-    assert srv.events("killing"), "the stuck worker should have been killed"
+    assert not [e for e in srv.events("exited") if e.get("process") == "worker"
+                and e.get("exit_code") not in (0, None) and "signal" not in e]
     assert_no_leaks(srv)
 
 

@@ -1,8 +1,8 @@
 """Shared-memory segments: one owner, reused within a bound, never leaked.
 
-A segment is either lent to one request or idle in the gateway's pool (at most shm_idle_mb);
-on every path (success, client disconnect, worker crash, gateway crash, shutdown) it goes
-back to one of those two places or is unlinked.
+A segment is either lent to one request or idle in the gateway's pool (at most shm_idle_mb,
+all of them at most shm_budget_mb); on every path (success, client disconnect, worker crash,
+gateway crash, shutdown) it goes back to the pool or is unlinked.
 """
 
 import os
@@ -32,23 +32,25 @@ def settle(srv):
              what="every segment and worker back")
 
 
-def test_success_reuses_segments(make_server):
-    srv = make_server().start()
+def test_success_reuses_preallocated_segments(make_server):
+    srv = make_server(config="[results]\nshm_prealloc_mb = 32\nchunk_mb = 8\n").start()
+    at_start = fleet_segments(srv.process.pid)
+    assert len(at_start) == 4 and srv.stats()["shm_segments_created"] == 4
     for _ in range(20):
         assert srv.query("SELECT * FROM range(100000)", format="arrow").status == 200
     settle(srv)
-    stats = srv.stats()
-    # Sequential requests keep reusing the same segment instead of creating new ones.
-    assert stats["shm_segments_idle"] == 1
-    assert len(fleet_segments(srv.process.pid)) == 1
+    # Sequential requests reuse the pre-allocated segments instead of creating new ones.
+    assert fleet_segments(srv.process.pid) == at_start
+    assert srv.stats()["shm_segments_created"] == 4
 
 
 def test_pool_is_bounded(make_server):
-    srv = make_server(config="[results]\nshm_idle_mb = 64\n").start()
+    srv = make_server(config="[results]\nshm_idle_mb = 64\nshm_budget_mb = 128\n").start()
     for _ in range(3):
         assert srv.query(BIG_ARROW, format="arrow").status == 200
     settle(srv)
     assert segment_bytes(srv.process.pid) <= 64 * 2**20
+    assert srv.stats()["shm_segments_created"] <= 128 // 8
 
 
 def test_client_disconnect_while_sending(make_server):

@@ -1,0 +1,198 @@
+"""Admission and the life of a query: queue limits, priorities, timeouts, cancellation,
+streaming through a bounded shared-memory pool."""
+
+import http.client
+import json
+import threading
+import time
+
+import duckdb
+import pyarrow as pa
+import pytest
+
+from tests.harness import http_post, raw_socket_request, wait_for
+
+SLOW_SQL = "SELECT sum(i) AS s FROM range(500000000) t(i)"  # about 1 s on one thread
+ENDLESS_SQL = "SELECT sum(i) AS s FROM range(1000000000000) t(i)"
+TEN_MILLION = "SELECT i, i * 2 AS j, i % 7 AS k FROM range(10000000) t(i)"
+
+
+def in_background(fn):
+    out = {}
+    thread = threading.Thread(target=lambda: out.update(value=fn()))
+    thread.start()
+    return thread, out
+
+
+def test_queue_full_and_queue_timeout(make_server):
+    srv = make_server(workers=1, config="[queue]\nmax_queue_size = 1\nqueue_timeout_s = 0.5\n").start()
+    busy, _ = in_background(lambda: srv.query(ENDLESS_SQL, timeout_ms=2500))
+    wait_for(lambda: srv.stats()["busy"] == 1, 10, what="the worker to be busy")
+    queued, out = in_background(lambda: srv.query("SELECT 1"))
+    wait_for(lambda: srv.stats()["queued"] == 1 or "value" in out, 10, what="a queued request")
+    full = srv.query("SELECT 2")
+    assert full.status == 503 and full.headers["Retry-After"]
+    assert full.json()["error_type"] == "overloaded"
+    assert "max_queue_size = 1" in full.json()["error"]
+    queued.join(30)
+    late = out["value"]
+    assert late.status == 503 and late.headers["Retry-After"]
+    assert "queue_timeout_s = 0.5" in late.json()["error"]
+    busy.join(30)
+    assert srv.stats()["rejected"] == {"queue_full": 1, "queue_timeout": 1}
+
+
+def _queue_in_order(srv, priorities, pause: float = 0.0):
+    """Occupy the only worker for 2.5 s, queue one request per priority in the given order
+    (`pause` seconds apart), return the order in which they were served."""
+    served = []
+    blocker, _ = in_background(lambda: srv.query(ENDLESS_SQL, timeout_ms=2500))
+    wait_for(lambda: srv.stats()["busy"] == 1, 10, what="the worker to be busy")
+    threads = []
+    for n, priority in enumerate(priorities):
+        def run(priority=priority, n=n):
+            resp = srv.query(f"SELECT {n} AS n", priority=priority)
+            assert resp.status == 200, resp
+            served.append(priority)
+        t = threading.Thread(target=run)
+        t.start()
+        threads.append(t)
+        wait_for(lambda n=n: srv.stats()["queued"] == n + 1, 10, what="the request to queue")
+        time.sleep(pause)
+    assert srv.stats()["busy"] == 1, "the blocker must still run for this test to mean anything"
+    for t in [blocker, *threads]:
+        t.join(60)
+    return served
+
+
+def test_priority_order_under_contention(make_server):
+    srv = make_server(workers=1, config="[queue]\npriority_aging_s = 600\nqueue_timeout_s = 60\n").start()
+    assert _queue_in_order(srv, ["low", "normal", "high", "normal", "low", "high"]) == \
+        ["high", "high", "normal", "normal", "low", "low"]
+
+
+def test_aging_serves_a_long_waiting_low_priority_first(make_server):
+    srv = make_server(workers=1, config="[queue]\npriority_aging_s = 0.05\nqueue_timeout_s = 60\n").start()
+    # The low request has waited 0.5 s, more than two aging steps, when the high one arrives.
+    served = _queue_in_order(srv, ["low", "high"], pause=0.5)
+    assert served == ["low", "high"]
+
+
+def test_route_default_priority(make_server):
+    srv = make_server(workers=1, config='[queue]\narrow_priority = "low"\npriority_aging_s = 600\n'
+                                        'queue_timeout_s = 60\n').start()
+    served = []
+    blocker, _ = in_background(lambda: srv.query(SLOW_SQL))
+    wait_for(lambda: srv.stats()["busy"] == 1, 10, what="the worker to be busy")
+    a = threading.Thread(target=lambda: (srv.query("SELECT 1", path="/api/v1/query/arrow"),
+                                         served.append("arrow")))
+    a.start()
+    wait_for(lambda: srv.stats()["queued_by_priority"]["low"] == 1, 10, what="arrow queued low")
+    j = threading.Thread(target=lambda: (srv.query("SELECT 1"), served.append("json")))
+    j.start()
+    wait_for(lambda: srv.stats()["queued"] == 2, 10, what="json queued")
+    for t in (blocker, a, j):
+        t.join(60)
+    assert served == ["json", "arrow"]
+
+
+def test_request_timeout_cannot_raise_the_limit(make_server):
+    srv = make_server(workers=1, config="[queue]\nquery_timeout_s = 0.5\n").start()
+    resp = srv.query(ENDLESS_SQL, timeout_ms=3_600_000)
+    assert resp.status == 504 and resp.json()["error_type"] == "timeout"
+    assert "0.5 s" in resp.json()["error"]
+    assert srv.query("SELECT 1 AS x").json()["data"] == [[1]]
+
+
+def test_disconnect_while_queued_leaves_the_queue(make_server):
+    srv = make_server(workers=1, config="[queue]\nqueue_timeout_s = 60\n").start()
+    blocker, _ = in_background(lambda: srv.query(ENDLESS_SQL, timeout_ms=2500))
+    wait_for(lambda: srv.stats()["busy"] == 1, 10, what="the worker to be busy")
+    sock = raw_socket_request(srv.port, http_post({"sql": "SELECT 1"}))
+    wait_for(lambda: srv.stats()["queued"] == 1, 10, what="the request to queue")
+    sock.close()
+    wait_for(lambda: srv.stats()["queued"] == 0, 10, what="the request to leave the queue")
+    assert srv.stats()["busy"] == 1  # the blocker is still running: the waiter left by itself
+    blocker.join(60)
+
+
+def test_disconnect_while_running_interrupts_the_query(make_server):
+    srv = make_server(workers=1).start()
+    sock = raw_socket_request(srv.port, http_post({"sql": ENDLESS_SQL}))
+    wait_for(lambda: srv.stats()["busy"] == 1, 10, what="the query to start")
+    sock.close()
+    # ENDLESS_SQL would run for half an hour: an idle worker means it was interrupted.
+    wait_for(lambda: srv.stats()["busy"] == 0, 20, what="the worker to be freed")
+    assert srv.query("SELECT 7 AS x").json()["data"] == [[7]]
+    assert srv.stats()["shm_segments_in_use"] == 0
+
+
+def test_result_larger_than_the_shm_budget_streams_intact(make_server):
+    config = "[results]\nchunk_mb = 2\nshm_budget_mb = 8\nshm_prealloc_mb = 0\nshm_idle_mb = 8\n"
+    srv = make_server(config=config).start()
+    conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=120)
+    conn.request("POST", "/api/v1/query/arrow", json.dumps({"sql": TEN_MILLION}).encode())
+    resp = conn.getresponse()
+    assert resp.status == 200
+    assert resp.getheader("Transfer-Encoding") == "chunked"
+    got = pa.ipc.open_stream(resp).read_all()
+    conn.close()
+    expected = duckdb.connect(config={"threads": 1}).sql(TEN_MILLION).arrow().read_all()
+    assert got.nbytes > 8 * 2**20
+    assert got.equals(expected)
+    assert srv.stats()["shm_segments_created"] <= 4  # 8 MiB budget / 2 MiB segments
+
+
+def test_slow_client_does_not_hold_a_worker(make_server):
+    srv = make_server(workers=1).start()
+    sock = raw_socket_request(srv.port, http_post(
+        {"sql": "SELECT i, i * 2 AS j, i % 7 AS k FROM range(1000000) t(i)", "format": "arrow"}))
+    # The client reads nothing; the 24 MB result waits in shared memory, the worker is free.
+    wait_for(lambda: srv.stats()["served"] == 1 and srv.stats()["busy"] == 0, 20,
+             what="the worker to finish while the client is not reading")
+    assert srv.stats()["shm_segments_in_use"] >= 1
+    assert srv.query("SELECT 8 AS x").json()["data"] == [[8]]
+    data = bytearray()
+    while chunk := sock.recv(1 << 20):
+        data += chunk
+        if data.endswith(b"0\r\n\r\n"):
+            break
+    sock.close()
+    body = _dechunk(bytes(data[data.index(b"\r\n\r\n") + 4:]))
+    table = pa.ipc.open_stream(body).read_all()
+    assert table.num_rows == 1_000_000 and table["j"][999_999].as_py() == 1_999_998
+
+
+def _dechunk(body: bytes) -> bytes:
+    out, pos = bytearray(), 0
+    while True:
+        end = body.index(b"\r\n", pos)
+        size = int(body[pos:end], 16)
+        if size == 0:
+            return bytes(out)
+        out += body[end + 2:end + 2 + size]
+        pos = end + 2 + size + 2
+
+
+def test_failure_midway_aborts_the_stream(make_server):
+    srv = make_server(config="[results]\nchunk_mb = 1\nmax_result_mb = 20\n").start()
+    conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=60)
+    conn.request("POST", "/api/v1/query/arrow", json.dumps({"sql": TEN_MILLION}).encode())
+    resp = conn.getresponse()
+    assert resp.status == 200  # streaming had begun when the limit was reached
+    with pytest.raises(http.client.IncompleteRead):
+        resp.read()
+    conn.close()
+    wait_for(lambda: srv.stats()["shm_segments_in_use"] == 0, 10, what="segments back")
+    small = srv.query("SELECT * FROM range(100)", format="arrow")
+    assert small.status == 200 and small.headers["X-Row-Count"] == "100"
+    assert srv.event("stream_aborted")
+
+
+def test_large_json_streams_and_stays_valid(make_server):
+    srv = make_server(config="[results]\nchunk_mb = 1\n").start()
+    resp = srv.query("SELECT i, 'v' || i AS s FROM range(300000) t(i)")
+    assert resp.headers.get("Transfer-Encoding") == "chunked"
+    doc = resp.json()
+    assert doc["row_count"] == 300_000 == len(doc["data"]) and doc["data"][-1] == [299_999, "v299999"]
+    assert doc["execution_time_ms"] > 0 and doc["error"] is None
