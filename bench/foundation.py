@@ -16,26 +16,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import http.client
 import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
-import tempfile
 import threading
 import time
-from pathlib import Path
 
 import aiohttp
 import duckdb
-import pyarrow as pa
 
-from engine.demo import write_demo
+from bench.common import demo_server, fetch_arrow, percentile, timed, write_report
 from tests.harness import Server
 
-RESULTS = Path(__file__).resolve().parent / "results"
 LARGE = {n: f"SELECT i, i * 2 AS j, i % 7 AS k FROM range({n}) t(i)" for n in (1_000_000, 10_000_000)}
 SMALL = {
     "select_1": "SELECT 1",
@@ -44,32 +38,11 @@ SMALL = {
 }
 
 
-def percentile(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
-
-
-def timed(fn, runs: int) -> list[float]:
-    times = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return times
-
-
 def large_results(server: Server, local: duckdb.DuckDBPyConnection, runs: int) -> dict:
     out = {}
     for rows, sql in LARGE.items():
         def through_duckfleet():
-            # As a pyarrow user reads it: parse the stream while it downloads.
-            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=300)
-            conn.request("POST", "/api/v1/query/arrow", json.dumps({"sql": sql}).encode())
-            resp = conn.getresponse()
-            assert resp.status == 200, resp.read()
-            table = pa.ipc.open_stream(resp).read_all()
-            conn.close()
-            assert table.num_rows == rows
+            assert fetch_arrow(server.port, sql)[1].num_rows == rows
 
         def in_process():
             assert local.sql(sql).arrow().read_all().num_rows == rows  # the baseline
@@ -144,29 +117,23 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 2)
     args = parser.parse_args(argv)
     runs, requests = (3, 160) if args.quick else (7, 800)
-    with tempfile.TemporaryDirectory(prefix="duckfleet-bench-") as tmp:
-        tmp = Path(tmp)
-        write_demo(tmp / "data")
-        server = Server(tmp / "server", tmp / "data", workers=args.workers).start()
-        try:
-            local = duckdb.connect(config={"threads": 1})
-            local.execute("SET TimeZone = 'UTC'")
-            local.execute(f"CREATE VIEW cpu AS SELECT * FROM read_parquet('{tmp}/data/default/cpu/**/*.parquet')")
-            local_mt = duckdb.connect()  # DuckDB's default: one thread per core
-            report = {
-                "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                            "duckdb": duckdb.__version__, "platform": platform.platform()},
-                "workers": args.workers,
-                "large_results": large_results(server, local, runs),
-                "large_results_in_process_default_threads": {
-                    f"arrow_{rows}": statistics.median(timed(lambda: local_mt.sql(sql).arrow().read_all(), runs))
-                    for rows, sql in LARGE.items()},
-                "latency": latency(server, local, requests),
-            }
-        finally:
-            server.stop()
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "foundation.json").write_text(json.dumps(report, indent=2))
+    with demo_server(args.workers) as server:
+        local = duckdb.connect(config={"threads": 1})
+        local.execute("SET TimeZone = 'UTC'")
+        local.execute(f"CREATE VIEW cpu AS SELECT * FROM "
+                      f"read_parquet('{server.data_dir}/default/cpu/**/*.parquet')")
+        local_mt = duckdb.connect()  # DuckDB's default: one thread per core
+        report = {
+            "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                        "duckdb": duckdb.__version__, "platform": platform.platform()},
+            "workers": args.workers,
+            "large_results": large_results(server, local, runs),
+            "large_results_in_process_default_threads": {
+                f"arrow_{rows}": statistics.median(timed(lambda: local_mt.sql(sql).arrow().read_all(), runs))
+                for rows, sql in LARGE.items()},
+            "latency": latency(server, local, requests),
+        }
+    write_report("foundation", report)
     print_report(report)
     return 0
 
