@@ -38,17 +38,35 @@ class ServerConfig(_Section):
     max_body_kb: PositiveInt = 1024
     shutdown_grace_s: PositiveFloat = 30.0
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_file: str = ""  # "" = stderr; reopened on SIGUSR1 (log rotation)
 
 
 class WorkersConfig(_Section):
     count: NonNegInt = 0  # 0 = one per core
     boot_timeout_s: PositiveFloat = 30.0
+    # Recycling: a worker retires after any of these (0 = never); its replacement is ready first.
+    max_queries: NonNegInt = 0
+    max_queries_jitter: NonNegInt = 0  # each worker's limit gets a random 0..jitter more
+    max_rss_mb: NonNegInt = 0
+    max_age_s: Annotated[float, Meta(ge=0)] = 0.0
+    # Memory hygiene between queries.
+    hygiene: bool = True
+    gc_full_every: PositiveInt = 100  # queries between full collections
+    trim_growth_mb: PositiveInt = 32  # RSS growth that triggers malloc_trim(0)
+    reconnect_growth_mb: PositiveInt = 512  # RSS growth since connect that recreates DuckDB
+    # Liveness: heartbeats from the work loop.
+    heartbeat_s: PositiveFloat = 1.0
+    heartbeat_timeout_s: PositiveFloat = 15.0  # an idle worker silent this long is killed
+    kill_grace_s: PositiveFloat = 5.0  # past query deadline + cancel grace, before SIGKILL
+    crash_backoff_max_s: PositiveFloat = 8.0
 
 
 class DuckDBConfig(_Section):
     memory_limit: str = "auto"  # "auto" = budget / workers, or a size such as "2GB"
     memory_fraction: Annotated[float, Meta(gt=0, le=1)] = 0.7
     threads: Annotated[int, Meta(ge=1, le=1)] = 1  # one per worker: parallelism comes from workers
+    process_overhead_mb: NonNegInt = 200  # RSS of each process beside DuckDB's own memory
+    force_memory_limit: bool = False  # start even if workers x limit + overhead exceeds the budget
 
 
 Priority = Literal["high", "normal", "low"]
@@ -150,6 +168,9 @@ def load(path: str | os.PathLike | None, env: dict[str, str] | None = None,
     config = _resolve_paths(config, base)
     if config.duckdb.memory_limit != "auto":
         parse_size(config.duckdb.memory_limit, "duckdb.memory_limit")
+    if config.server.log_file:
+        config = msgspec.structs.replace(config, server=msgspec.structs.replace(
+            config.server, log_file=str((base / config.server.log_file).resolve())))
     results = config.results
     if results.shm_budget_mb < 2 * results.chunk_mb * config.worker_count:
         raise ConfigError(f"results.shm_budget_mb: {results.shm_budget_mb} MiB cannot hold two "

@@ -53,7 +53,17 @@ class Logger:
         self._log(logging.ERROR, event, exc_info=exc_info, **fields)
 
 
-def setup(role: str, level: str = "info") -> Logger:
+def reopen(path: str) -> None:
+    """Point this process's stderr (and so its log) at path, appending; for log rotation."""
+    if not path:
+        return
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    os.dup2(fd, 2)
+    os.close(fd)
+
+
+def setup(role: str, level: str = "info", log_file: str = "") -> Logger:
+    reopen(log_file)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_JsonFormatter(role))
     root = logging.getLogger("duckfleet")

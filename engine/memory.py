@@ -1,11 +1,19 @@
 """The memory budget: how much RAM the fleet may use, and each worker's DuckDB memory_limit.
 
-Pure functions, run by the supervisor before it spawns anything. RAM is the lower of the
-machine's memory and the container's cgroup limit (v2 memory.max, or v1 limit_in_bytes).
+Pure functions, run by the supervisor before it spawns anything (and again on reload).
+RAM is the lower of the machine's memory and the container's cgroup limit (v2 memory.max,
+or v1 limit_in_bytes). The budget is RAM x memory_fraction. It must hold every worker's
+memory_limit plus each process's own overhead (the workers, the gateway, the supervisor):
+
+    workers x (memory_limit + overhead) + 2 x overhead <= budget
+
+With memory_limit = "auto" the limit is whatever fits; an explicit limit that does not fit is
+refused with the numbers, unless force_memory_limit is set.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -13,6 +21,7 @@ import psutil
 from engine.config import Config, ConfigError, parse_size
 
 _CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+MiB = 2**20
 
 
 def cgroup_limit_bytes() -> int | None:
@@ -32,15 +41,42 @@ def system_memory_bytes() -> int:
     return min(total, limit) if limit else total
 
 
-def worker_memory_limit(config: Config, ram: int | None = None) -> int:
-    """DuckDB memory_limit for each worker, in bytes: (RAM x fraction) / workers unless set."""
-    if config.duckdb.memory_limit != "auto":
-        return parse_size(config.duckdb.memory_limit, "duckdb.memory_limit")
+@dataclass(frozen=True)
+class MemoryPlan:
+    ram: int
+    budget: int
+    workers: int
+    worker_limit: int
+    overhead: int  # per process
+
+    @property
+    def total(self) -> int:
+        return self.workers * (self.worker_limit + self.overhead) + 2 * self.overhead
+
+    def describe(self) -> str:
+        return (f"{self.workers} workers x ({self.worker_limit // MiB} MiB memory_limit + "
+                f"{self.overhead // MiB} MiB overhead) + 2 x {self.overhead // MiB} MiB "
+                f"(gateway, supervisor) = {self.total // MiB} MiB; budget {self.budget // MiB} MiB "
+                f"({self.ram // MiB} MiB RAM x fraction)")
+
+
+def plan(config: Config, ram: int | None = None) -> MemoryPlan:
     ram = system_memory_bytes() if ram is None else ram
-    limit = int(ram * config.duckdb.memory_fraction / config.worker_count)
-    if limit < 64 * 1024**2:
-        raise ConfigError(
-            f"duckdb.memory_limit: auto gives {limit // 1024**2} MiB per worker "
-            f"({ram // 1024**2} MiB x {config.duckdb.memory_fraction} / {config.worker_count} workers); "
-            "use fewer workers or set a limit explicitly")
-    return limit
+    duck = config.duckdb
+    budget = int(ram * duck.memory_fraction)
+    overhead = duck.process_overhead_mb * MiB
+    workers = config.worker_count
+    if duck.memory_limit == "auto":
+        limit = (budget - (workers + 2) * overhead) // workers
+        if limit < 64 * MiB:
+            raise ConfigError(f"duckdb.memory_limit: auto leaves {limit // MiB} MiB per worker: "
+                              f"budget {budget // MiB} MiB minus {workers + 2} x "
+                              f"{overhead // MiB} MiB overhead over {workers} workers; "
+                              "use fewer workers or a larger memory_fraction")
+        return MemoryPlan(ram, budget, workers, limit, overhead)
+    result = MemoryPlan(ram, budget, workers, parse_size(duck.memory_limit, "duckdb.memory_limit"),
+                        overhead)
+    if result.total > budget and not duck.force_memory_limit:
+        raise ConfigError(f"duckdb.memory_limit: does not fit the memory budget: {result.describe()}. "
+                          "Lower memory_limit or workers, or set duckdb.force_memory_limit = true")
+    return result

@@ -48,6 +48,7 @@ class Query(msgspec.Struct, tag=True, frozen=True):
     params: list[Any] | None = None
     max_result_bytes: int = 0
     batch_rows: int = 122880
+    timeout_s: float = 0.0  # the gateway's deadline, for the worker's heartbeat
 
 
 class Grant(msgspec.Struct, tag=True, frozen=True):
@@ -80,6 +81,23 @@ class Result(msgspec.Struct, tag=True, frozen=True):
     execution_ms: float
 
 
+class Bye(msgspec.Struct, tag=True, frozen=True):
+    """Worker -> gateway: send me no more queries (reason: recycled because of what, or stop).
+
+    The worker still answers what it was sent; it exits when the gateway closes the socket,
+    which the gateway does once the worker is idle.
+    """
+    reason: str
+
+
+class Status(msgspec.Struct, tag=True, frozen=True):
+    """Worker -> gateway, while idle: memory as the worker measures it."""
+    rss: int
+    duckdb_memory: int
+    queries: int
+    connections: int  # DuckDB connections opened so far (recreated after memory growth)
+
+
 class Failure(msgspec.Struct, tag=True, frozen=True):
     """Worker -> gateway: query `id` failed; `kind` is one of engine.errors.Kind."""
     id: int
@@ -87,7 +105,7 @@ class Failure(msgspec.Struct, tag=True, frozen=True):
     message: str
 
 
-Message = Hello | Query | Grant | Cancel | Chunk | Result | Failure
+Message = Hello | Query | Grant | Cancel | Chunk | Result | Failure | Bye | Status
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)
 

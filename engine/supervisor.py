@@ -3,13 +3,20 @@
 It handles no requests. It parses the configuration once, sweeps what dead fleets left, makes
 a private runtime directory (0700), binds the listening sockets (so the gateway can be
 replaced without closing them), writes the demo data if needed, then spawns the gateway and
-the workers by exec and owns the process table: spawn, reap, replace, stop.
+the workers by exec and owns the process table. One verb per step: spawn, reap, replace,
+retire, kill, stop.
 
-Signal handlers only queue the signal; the loop does the work. SIGCHLD: reap and replace.
-SIGTERM / SIGINT: graceful stop: the gateway drains in-flight requests within
-shutdown_grace_s, then the workers finish and exit; whatever remains is killed. Children die
-with the supervisor (PR_SET_PDEATHSIG), and the next start sweeps their sockets and segments.
-A worker that cannot boot (exit code BOOT_FAILED) stops the server instead of spinning.
+Each worker writes one line per event on its own pipe: `ready`, `busy <timeout>` / `idle`
+(heartbeats from its work loop), `retire <reason>` (a recycling limit was reached). A retiring
+worker keeps serving until its replacement is ready; only then is it told to leave (SIGTERM),
+so capacity never dips. A worker silent past its deadline is killed and replaced.
+
+Signals (handlers only queue them; the loop does the work), as Gunicorn's:
+SIGTERM graceful stop (the gateway drains within shutdown_grace_s); SIGINT, SIGQUIT quick stop;
+SIGHUP reload engine.toml and replace the workers one by one; SIGTTIN / SIGTTOU one worker
+more / fewer; SIGUSR1 reopen log files; SIGCHLD reap. Children die with the supervisor
+(PR_SET_PDEATHSIG), and the next start sweeps their sockets and segments. Crashing workers are
+respawned with exponential backoff; a worker that cannot boot stops the server.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -27,10 +35,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import msgspec
+
 from engine import catalog, config as config_mod, log as log_mod, memory, shm
 from engine.process import BOOT_FAILED
 
 RUNTIME_PREFIX = "duckfleet-"
+STABLE_S = 10.0  # a worker that lived this long resets its slot's crash count
+QUICK_GRACE_S = 1.0
 log = log_mod.get()
 
 
@@ -39,59 +51,98 @@ class Child:
     role: str  # "gateway" or "worker"
     slot: int
     pid: int
+    exited: asyncio.Future
+    status_fd: int = -1
     started: float = field(default_factory=time.monotonic)
-    exited: asyncio.Future | None = None
+    ready: bool = False
+    deadline: float = 0.0          # liveness: killed if silent past this (monotonic)
+    leaving: str | None = None     # we asked it to leave, and why: a planned exit
+    replaces: Child | None = None  # the retiring worker this one will replace
+    replacement: Child | None = None
+    buffer: bytes = b""
 
 
 class Supervisor:
-    def __init__(self, cfg: config_mod.Config):
+    def __init__(self, cfg: config_mod.Config, config_path: str | None, overrides: dict):
         self.cfg = cfg
+        self.config_path = config_path
+        self.overrides = overrides
         self.pid = os.getpid()
         self.children: dict[int, Child] = {}
+        self.slots: set[int] = set(range(cfg.worker_count))
+        self.crashes: dict[int, int] = {}
         self.runtime: Path | None = None
         self.listeners: list[socket.socket] = []
         self.memory_limit = 0
-        self.stopping = False
+        self.stopping: str | None = None
         self.exit_code = 0
         self._signals: asyncio.Queue[int] = asyncio.Queue()
+        self._rolling: asyncio.Task | None = None
 
     # --- start-up ---
 
     def prepare(self) -> None:
         """Everything that can fail before a process is spawned."""
-        self.memory_limit = memory.worker_memory_limit(self.cfg)
+        plan = memory.plan(self.cfg)
+        self.memory_limit = plan.worker_limit
         shm.sweep_dead_fleets()
         base = Path(self.cfg.server.runtime_dir or os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir())
         sweep_dead_runtime_dirs(base)
         self.runtime = Path(tempfile.mkdtemp(prefix=f"{RUNTIME_PREFIX}{self.pid}-", dir=base))
-        config_file = self.runtime / "config.json"
-        config_file.touch(mode=0o600)
-        config_file.write_bytes(config_mod.encode(self.cfg))
+        self.write_config()
         self.listeners = bind_listeners(self.cfg.server)
         host, port = self.listeners[0].getsockname()[:2]
         log.info("listening", host=host, port=port, unix_socket=self.cfg.server.unix_socket or None,
                  runtime_dir=str(self.runtime), workers=self.cfg.worker_count,
-                 memory_limit_bytes=self.memory_limit)
+                 memory_limit_bytes=self.memory_limit, memory_plan=plan.describe())
         ensure_demo_data(self.cfg.catalog)
+
+    def write_config(self) -> None:
+        config_file = self.runtime / "config.json"
+        config_file.touch(mode=0o600)
+        config_file.write_bytes(config_mod.encode(self.cfg))
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
+                    signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1):
             loop.add_signal_handler(sig, self._signals.put_nowait, sig)
         self.spawn_gateway()
-        for slot in range(self.cfg.worker_count):
+        for slot in sorted(self.slots):
             self.spawn_worker(slot)
+        watchdog = asyncio.ensure_future(self.watch())
         while not self.stopping:
-            sig = await self._signals.get()
-            if sig == signal.SIGCHLD:
-                self.reap()
-            else:
-                log.info("stop_requested", signal=signal.Signals(sig).name)
-                self.stopping = True
-        await self.stop()
+            self.handle(await self._signals.get())
+        watchdog.cancel()
+        if self._rolling is not None:
+            self._rolling.cancel()
+        await self.stop(quick=self.stopping == "quick")
         return self.exit_code
 
-    # --- lifecycle verbs ---
+    def handle(self, sig: int) -> None:
+        if sig == signal.SIGCHLD:
+            self.reap()
+        elif sig == signal.SIGTERM:
+            self.stopping = "graceful"
+        elif sig in (signal.SIGINT, signal.SIGQUIT):
+            self.stopping = "quick"
+        elif sig == signal.SIGHUP:
+            if self._rolling is None or self._rolling.done():
+                self._rolling = asyncio.ensure_future(self.reload())
+            else:
+                log.warning("reload_ignored", reason="a reload is in progress")
+        elif sig == signal.SIGTTIN:
+            self.scale(+1)
+        elif sig == signal.SIGTTOU:
+            self.scale(-1)
+        elif sig == signal.SIGUSR1:
+            log_mod.reopen(self.cfg.server.log_file)
+            for child in self.children.values():
+                _signal(child.pid, signal.SIGUSR1)
+        if sig != signal.SIGCHLD:
+            log.info("signal", signal=signal.Signals(sig).name)
+
+    # --- spawn ---
 
     def spawn_gateway(self) -> None:
         fds = [s.fileno() for s in self.listeners]
@@ -101,20 +152,88 @@ class Supervisor:
             args += ["--listen-fd", str(fd)]
         self._spawn("gateway", 0, args, pass_fds=fds)
 
-    def spawn_worker(self, slot: int) -> None:
-        self._spawn("worker", slot, ["-m", "engine.worker", "--id", str(slot),
-                                     "--runtime-dir", str(self.runtime),
-                                     "--supervisor-pid", str(self.pid),
-                                     "--memory-limit", str(self.memory_limit)])
+    def spawn_worker(self, slot: int, replaces: Child | None = None) -> Child:
+        read_end, write_end = os.pipe()
+        args = ["-m", "engine.worker", "--id", str(slot), "--runtime-dir", str(self.runtime),
+                "--supervisor-pid", str(self.pid), "--memory-limit", str(self.memory_limit),
+                "--status-fd", str(write_end)]
+        try:
+            child = self._spawn("worker", slot, args, pass_fds=[write_end])
+        finally:
+            os.close(write_end)
+        child.status_fd = read_end
+        child.deadline = time.monotonic() + self.cfg.workers.boot_timeout_s
+        child.replaces = replaces
+        if replaces is not None:
+            replaces.replacement = child
+        os.set_blocking(read_end, False)
+        asyncio.get_running_loop().add_reader(read_end, self._on_status, child)
+        return child
 
-    def _spawn(self, role: str, slot: int, args: list[str], pass_fds=()) -> None:
+    def _spawn(self, role: str, slot: int, args: list[str], pass_fds=()) -> Child:
         process = subprocess.Popen([sys.executable, *args], pass_fds=pass_fds,
                                    stdin=subprocess.DEVNULL)
-        # We reap with waitpid ourselves; tell Popen so it neither waits nor warns.
-        process.returncode = 0
-        child = Child(role, slot, process.pid, exited=asyncio.get_running_loop().create_future())
+        process.returncode = 0  # we reap with waitpid ourselves; Popen must neither wait nor warn
+        child = Child(role, slot, process.pid, asyncio.get_running_loop().create_future())
         self.children[child.pid] = child
         log.info("spawned", process=role, slot=slot, child_pid=child.pid)
+        return child
+
+    # --- what workers say ---
+
+    def _on_status(self, child: Child) -> None:
+        try:
+            data = os.read(child.status_fd, 4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._close_status(child)
+            return
+        child.buffer += data
+        *lines, child.buffer = child.buffer.split(b"\n")
+        for line in lines:
+            word, _, arg = line.decode().partition(" ")
+            now = time.monotonic()
+            if word == "idle":
+                child.deadline = now + self.cfg.workers.heartbeat_timeout_s
+            elif word == "busy":
+                workers, queue = self.cfg.workers, self.cfg.queue
+                child.deadline = now + float(arg) + queue.cancel_grace_s + workers.kill_grace_s
+            elif word == "ready":
+                child.deadline = now + self.cfg.workers.heartbeat_timeout_s
+                self.on_ready(child)
+            elif word == "retire":
+                self.on_retire(child, arg)
+
+    def _close_status(self, child: Child) -> None:
+        if child.status_fd >= 0:
+            asyncio.get_running_loop().remove_reader(child.status_fd)
+            os.close(child.status_fd)
+            child.status_fd = -1
+
+    def on_ready(self, child: Child) -> None:
+        child.ready = True
+        log.info("worker_ready", slot=child.slot, child_pid=child.pid)
+        old = child.replaces
+        child.replaces = None
+        if old is not None and old.pid in self.children:
+            self.retire(old, old.leaving or "replaced")
+
+    def on_retire(self, child: Child, reason: str) -> None:
+        if self.stopping or child.replacement is not None or child.leaving:
+            return
+        child.leaving = reason
+        log.info("recycling", slot=child.slot, child_pid=child.pid, reason=reason)
+        self.spawn_worker(child.slot, replaces=child)
+
+    def retire(self, child: Child, reason: str) -> None:
+        """A planned exit: the worker says Bye, finishes what it was sent, and leaves."""
+        child.leaving = reason
+        _signal(child.pid, signal.SIGTERM)
+
+    # --- reap and replace ---
 
     def reap(self) -> None:
         while True:
@@ -127,31 +246,123 @@ class Supervisor:
             child = self.children.pop(pid, None)
             if child is None:
                 continue
+            self._close_status(child)
             code = os.waitstatus_to_exitcode(status)
             child.exited.set_result(code)
             how = {"signal": signal.Signals(-code).name} if code < 0 else {"exit_code": code}
-            log.info("exited", process=child.role, slot=child.slot, child_pid=pid,
-                     uptime_s=round(time.monotonic() - child.started, 3), **how)
-            if not self.stopping:
-                self.replace(child, code)
+            uptime = round(time.monotonic() - child.started, 3)
+            if child.leaving and child.ready and code in (0, -signal.SIGTERM):
+                log.info("exited", process=child.role, slot=child.slot, child_pid=pid,
+                         uptime_s=uptime, planned=child.leaving, **how)
+            else:
+                log.info("crashed" if not self.stopping else "exited", process=child.role,
+                         slot=child.slot, child_pid=pid, uptime_s=uptime, **how)
+                if not self.stopping:
+                    self.replace(child, code)
 
     def replace(self, child: Child, code: int) -> None:
         if child.role == "gateway":
             shm.sweep(shm.owner_prefix(self.pid, child.pid))
             self.spawn_gateway()
-        elif code == BOOT_FAILED:
+            return
+        if code == BOOT_FAILED:
+            if self._rolling is not None and not self._rolling.done():
+                log.error("reload_failed", reason="a new worker could not boot; old workers kept")
+                self._rolling.cancel()
+                if child.replaces is not None:
+                    child.replaces.leaving = None
+                    child.replaces.replacement = None
+                return
             log.error("worker_cannot_boot", slot=child.slot,
                       hint="see the worker_boot_failed line above; stopping")
             self.exit_code = 1
-            self.stopping = True
+            self.stopping = "graceful"
             self._signals.put_nowait(signal.SIGTERM)
-        else:
-            self.spawn_worker(child.slot)
+            return
+        if child.replacement is not None and child.replacement.pid in self.children:
+            child.replacement.replaces = None  # it takes the slot now; nothing to add
+            return
+        if child.slot not in self.slots and child.replaces is None:
+            return  # scaled down
+        count = self.crashes.get(child.slot, 0) + 1
+        if time.monotonic() - child.started > STABLE_S:
+            count = 1
+        self.crashes[child.slot] = count
+        delay = 0.0 if count == 1 else min(0.1 * 2 ** (count - 2), self.cfg.workers.crash_backoff_max_s)
+        if delay:
+            log.warning("crash_backoff", slot=child.slot, consecutive=count, delay_s=delay)
+        old = child.replaces if child.replaces is not None and child.replaces.pid in self.children else None
+        asyncio.get_running_loop().call_later(delay, self._respawn, child.slot, old)
 
-    async def stop(self) -> None:
-        grace = self.cfg.server.shutdown_grace_s
+    def _respawn(self, slot: int, replaces: Child | None) -> None:
+        if not self.stopping and (slot in self.slots or replaces is not None):
+            self.spawn_worker(slot, replaces)
+
+    # --- liveness ---
+
+    async def watch(self) -> None:
+        while True:
+            await asyncio.sleep(0.25)
+            now = time.monotonic()
+            for child in list(self.children.values()):
+                if child.role == "worker" and child.deadline and now > child.deadline:
+                    log.warning("worker_unresponsive", slot=child.slot, child_pid=child.pid,
+                                ready=child.ready)
+                    child.deadline = 0.0
+                    _signal(child.pid, signal.SIGKILL)
+
+    # --- reload and scale ---
+
+    async def reload(self) -> None:
+        try:
+            cfg = config_mod.load(self.config_path, overrides=self.overrides)
+            plan = memory.plan(cfg)
+        except config_mod.ConfigError as exc:
+            log.error("reload_failed", error=str(exc))
+            return
+        fixed = [s for s in ("server", "queue", "results", "auth", "query_cache")
+                 if getattr(cfg, s) != getattr(self.cfg, s)]
+        if fixed:
+            log.warning("reload_needs_restart", sections=fixed,
+                        hint="these sections apply at the next start")
+        cfg = msgspec.structs.replace(cfg, **{s: getattr(self.cfg, s) for s in fixed})
+        self.cfg, self.memory_limit = cfg, plan.worker_limit
+        self.write_config()
+        log.info("reloading", workers=cfg.worker_count)
+        for old in sorted(self._workers(), key=lambda c: c.slot):
+            if old.slot >= cfg.worker_count:
+                continue
+            new = self.spawn_worker(old.slot, replaces=old)
+            old.leaving = "reload"
+            await asyncio.wait({old.exited, new.exited}, return_when=asyncio.FIRST_COMPLETED)
+            if new.exited.done():
+                log.error("reload_failed", reason="a new worker died before it was ready")
+                return
+        self.resize(cfg.worker_count)
+        log.info("reloaded", workers=cfg.worker_count)
+
+    def scale(self, step: int) -> None:
+        self.resize(max(1, len(self.slots) + step))
+
+    def resize(self, count: int) -> None:
+        current = set(self.slots)
+        self.slots = set(range(count))
+        for slot in sorted(self.slots - current):
+            self.spawn_worker(slot)
+        for child in self._workers():
+            if child.slot not in self.slots:
+                self.retire(child, "scaled_down")
+        log.info("workers", count=count)
+
+    def _workers(self) -> list[Child]:
+        return [c for c in self.children.values() if c.role == "worker" and not c.leaving]
+
+    # --- stop ---
+
+    async def stop(self, quick: bool = False) -> None:
+        grace = QUICK_GRACE_S if quick else self.cfg.server.shutdown_grace_s
         gateways = [c for c in self.children.values() if c.role == "gateway"]
-        await self._terminate(gateways, grace + 2)  # the gateway drains in-flight requests
+        await self._terminate(gateways, grace + (0 if quick else 2))
         workers = [c for c in self.children.values() if c.role == "worker"]
         await self._terminate(workers, grace)
         for listener in self.listeners:
@@ -161,21 +372,20 @@ class Supervisor:
         shm.sweep(shm.fleet_prefix(self.pid))
         if self.runtime is not None:
             shutil.rmtree(self.runtime, ignore_errors=True)
-        log.info("stopped", exit_code=self.exit_code)
+        log.info("stopped", exit_code=self.exit_code, quick=quick)
 
     async def _terminate(self, children: list[Child], grace: float) -> None:
         for child in children:
+            child.leaving = child.leaving or "stop"
             _signal(child.pid, signal.SIGTERM)
-        pending = [c.exited for c in children]
         deadline = time.monotonic() + grace
-        while pending and time.monotonic() < deadline:
+        while any(not c.exited.done() for c in children) and time.monotonic() < deadline:
             try:
                 sig = await asyncio.wait_for(self._signals.get(), 0.1)
             except TimeoutError:
                 sig = signal.SIGCHLD
             if sig == signal.SIGCHLD:
                 self.reap()
-            pending = [f for f in pending if not f.done()]
         for child in children:
             if not child.exited.done():
                 log.warning("killing", process=child.role, slot=child.slot, child_pid=child.pid)
@@ -193,7 +403,7 @@ def _signal(pid: int, sig: int) -> None:
 
 
 def bind_listeners(server: config_mod.ServerConfig) -> list[socket.socket]:
-    listeners = [socket.create_server((server.host, server.port), backlog=1024, reuse_port=False)]
+    listeners = [socket.create_server((server.host, server.port), backlog=1024)]
     if server.unix_socket:
         path = Path(server.unix_socket)
         path.unlink(missing_ok=True)
@@ -204,15 +414,11 @@ def bind_listeners(server: config_mod.ServerConfig) -> list[socket.socket]:
 
 
 def sweep_dead_runtime_dirs(base: Path) -> None:
+    me = pwd.getpwuid(os.getuid()).pw_name
     for path in base.glob(f"{RUNTIME_PREFIX}*-*"):
         pid_text = path.name[len(RUNTIME_PREFIX):].split("-", 1)[0]
-        if pid_text.isdigit() and not shm.pid_alive(int(pid_text)) and path.owner() == _user():
+        if pid_text.isdigit() and not shm.pid_alive(int(pid_text)) and path.owner() == me:
             shutil.rmtree(path, ignore_errors=True)
-
-
-def _user() -> str:
-    import pwd
-    return pwd.getpwuid(os.getuid()).pw_name
 
 
 def ensure_demo_data(catalog_cfg: config_mod.CatalogConfig) -> None:
@@ -235,13 +441,12 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, dict]:
     parser.add_argument("--data-dir", help="catalog data directory")
     args = parser.parse_args(argv)
     overrides: dict[str, dict] = {}
+    data_dir = str(Path(args.data_dir).resolve()) if args.data_dir else None
     for section, key, value in (("server", "host", args.host), ("server", "port", args.port),
                                 ("workers", "count", args.workers),
-                                ("catalog", "data_dir", args.data_dir)):
+                                ("catalog", "data_dir", data_dir)):
         if value is not None:
             overrides.setdefault(section, {})[key] = value
-    if args.data_dir:
-        overrides["catalog"]["data_dir"] = str(Path(args.data_dir).resolve())
     return args, overrides
 
 
@@ -252,8 +457,8 @@ def main(argv=None) -> int:
     log = log_mod.setup("supervisor")
     try:
         cfg = config_mod.load(path, overrides=overrides)
-        log = log_mod.setup("supervisor", cfg.server.log_level)
-        supervisor = Supervisor(cfg)
+        log = log_mod.setup("supervisor", cfg.server.log_level, cfg.server.log_file)
+        supervisor = Supervisor(cfg, path, overrides)
         supervisor.prepare()
     except (config_mod.ConfigError, OSError, subprocess.CalledProcessError) as exc:
         log.error("cannot_start", error=str(exc))

@@ -17,6 +17,7 @@ import argparse
 import gc
 import os
 import queue
+import random
 import signal
 import socket
 import sys
@@ -66,17 +67,56 @@ def verify_settings(con: duckdb.DuckDBPyConnection, expected: dict) -> dict[str,
     return actual
 
 
+WAKE = object()  # inbox sentinel: look at `leaving` again
+
+
+def current_rss() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * PAGE_SIZE
+
+
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+
 class Worker:
+    """The work loop. Main thread: queries, hygiene, heartbeats. Reader thread: the socket."""
+
     def __init__(self, worker_id: int, cfg: config_mod.Config, con: duckdb.DuckDBPyConnection,
-                 sock: socket.socket):
+                 sock: socket.socket, reopen, status_fd: int):
         self.worker_id = worker_id
         self.cfg = cfg
         self.con = con
         self.sock = sock
-        self.inbox: queue.SimpleQueue = queue.SimpleQueue()   # Query, or None: stop
+        self._reopen = reopen  # () -> a fresh connection, settings applied and verified
+        self._status_fd = status_fd
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()   # Query, WAKE, or None: stop
         self.grants: queue.SimpleQueue = queue.SimpleQueue()  # segment name, or None: cancelled
         self._running_id: int | None = None
         self._lock = threading.Lock()  # guards _running_id against the reader thread
+        workers = cfg.workers
+        jitter = random.randint(0, workers.max_queries_jitter) if workers.max_queries else 0
+        self.max_queries = workers.max_queries + jitter  # fixed at spawn, like max_requests_jitter
+        self.born = time.monotonic()
+        self.queries = 0
+        self.connections = 1
+        self.rss_at_connect = self.rss_at_trim = current_rss()
+        self.leaving: str | None = None  # set by SIGTERM: say Bye, finish, exit
+        self.retiring: str | None = None  # a limit was reached and the supervisor was told
+
+    # --- talking to the supervisor: one line per event on a pipe ---
+
+    def status(self, line: str) -> None:
+        try:
+            os.write(self._status_fd, (line + "\n").encode())
+        except OSError:
+            pass  # the supervisor is gone; PR_SET_PDEATHSIG ends us
+
+    def leave(self) -> None:
+        """SIGTERM: stop taking queries (handler-safe: only sets a flag and wakes the loop)."""
+        self.leaving = self.retiring or "stop"
+        self.inbox.put(WAKE)
+
+    # --- the socket ---
 
     def read_loop(self) -> None:
         """Reader thread: queue queries and grants, interrupt on Cancel, stop on EOF."""
@@ -101,13 +141,79 @@ class Worker:
                 self.con.interrupt()
                 self.grants.put(None)  # wakes a writer waiting for a segment
 
+    # --- the work loop ---
+
     def serve(self) -> None:
-        while (query := self.inbox.get()) is not None:
+        said_bye = False
+        self.status("ready")
+        while True:
+            if self.leaving and not said_bye:
+                protocol.send(self.sock, protocol.Bye(self.leaving))
+                said_bye = True
+            try:
+                query = self.inbox.get(timeout=self.cfg.workers.heartbeat_s)
+            except queue.Empty:
+                self.idle_tick()
+                continue
+            if query is None:
+                return
+            if query is WAKE:
+                continue
+            self.status(f"busy {query.timeout_s}")
             reply = self.run(query)
             try:
                 protocol.send(self.sock, reply)
             except OSError:
                 return
+            self.after_query()
+            self.status("idle")
+
+    def idle_tick(self) -> None:
+        """A heartbeat, memory figures for the gateway, and the age limit."""
+        self.status("idle")
+        memory = self.con.execute("SELECT coalesce(sum(memory_usage_bytes), 0)::BIGINT "
+                                  "FROM duckdb_memory()").fetchone()[0]
+        protocol.send(self.sock, protocol.Status(current_rss(), memory, self.queries, self.connections))
+        self.check_limits(current_rss())
+
+    def after_query(self) -> None:
+        self.queries += 1
+        workers = self.cfg.workers
+        rss = current_rss()
+        if workers.hygiene:
+            gc.collect(0 if self.queries % workers.gc_full_every else 2)
+            if rss - self.rss_at_connect > workers.reconnect_growth_mb * 2**20:
+                self.reconnect(rss)
+                rss = current_rss()
+            elif rss - self.rss_at_trim > workers.trim_growth_mb * 2**20:
+                malloc_trim()
+                rss = self.rss_at_trim = current_rss()
+        self.check_limits(rss)
+
+    def reconnect(self, rss: int) -> None:
+        """A fresh DuckDB connection: what the old one cached or fragmented goes with it."""
+        self.con.close()
+        self.con = self._reopen()
+        self.connections += 1
+        malloc_trim()
+        self.rss_at_connect = self.rss_at_trim = current_rss()
+        log.info("duckdb_reconnected", worker=self.worker_id, rss_before=rss,
+                 rss_after=self.rss_at_connect)
+
+    def check_limits(self, rss: int) -> None:
+        if self.retiring:
+            return
+        workers = self.cfg.workers
+        if self.max_queries and self.queries >= self.max_queries:
+            self.retiring = "max_queries"
+        elif workers.max_rss_mb and rss > workers.max_rss_mb * 2**20:
+            self.retiring = "max_rss"
+        elif workers.max_age_s and time.monotonic() - self.born > workers.max_age_s:
+            self.retiring = "max_age"
+        if self.retiring:
+            log.info("worker_retiring", worker=self.worker_id, reason=self.retiring,
+                     queries=self.queries, rss=rss)
+            self.status(f"retire {self.retiring}")
 
     def _next_segment(self) -> str:
         name = self.grants.get()
@@ -159,10 +265,9 @@ class Worker:
         finally:
             with self._lock:
                 self._running_id = None
-            gc.collect(0)
 
 
-def connect_gateway(path: str, timeout: float) -> socket.socket:
+def connect_gateway(path: str, timeout: float, give_up=lambda: False) -> socket.socket:
     deadline = time.monotonic() + timeout
     while True:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -171,7 +276,7 @@ def connect_gateway(path: str, timeout: float) -> socket.socket:
             return sock
         except (FileNotFoundError, ConnectionRefusedError):
             sock.close()
-            if time.monotonic() > deadline:
+            if time.monotonic() > deadline or give_up():
                 raise
             time.sleep(0.02)
 
@@ -182,31 +287,44 @@ def main(argv=None) -> int:
     parser.add_argument("--runtime-dir", required=True)
     parser.add_argument("--supervisor-pid", type=int, required=True)
     parser.add_argument("--memory-limit", type=int, required=True)
+    parser.add_argument("--status-fd", type=int, required=True)
     args = parser.parse_args(argv)
     die_with_parent(args.supervisor_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when workers stop
     runtime = Path(args.runtime_dir)
     cfg = config_mod.decode((runtime / "config.json").read_bytes())
     global log
-    log = log_mod.setup(f"worker-{args.id}", cfg.server.log_level)
+    log = log_mod.setup(f"worker-{args.id}", cfg.server.log_level, cfg.server.log_file)
+    signal.signal(signal.SIGUSR1, lambda *_: log_mod.reopen(cfg.server.log_file))
 
     temp_dir = runtime / f"tmp-worker-{args.id}-{os.getpid()}"
+    reopen = lambda: open_database(cfg, args.memory_limit, str(temp_dir))  # noqa: E731
     try:
-        con = open_database(cfg, args.memory_limit, str(temp_dir))
+        con = reopen()
         settings = read_settings(con, ["threads", "memory_limit", "temp_directory", "TimeZone"])
         sock = connect_gateway(str(runtime / "workers.sock"), cfg.workers.boot_timeout_s)
     except Exception as exc:
         log.error("worker_boot_failed", worker=args.id, error=str(exc))
         return BOOT_FAILED
     malloc_trim()
-    worker = Worker(args.id, cfg, con, sock)
-    protocol.send(sock, protocol.Hello(args.id, os.getpid(), args.memory_limit, settings))
-    signal.signal(signal.SIGTERM, lambda *_: worker.inbox.put(None))
-    threading.Thread(target=worker.read_loop, name="socket-reader", daemon=True).start()
+    worker = Worker(args.id, cfg, con, sock, reopen, args.status_fd)
+    signal.signal(signal.SIGTERM, lambda *_: worker.leave())
     log.info("worker_ready", worker=args.id, **settings)
-    worker.serve()
-    sock.close()
-    con.close()
+    while True:
+        protocol.send(worker.sock, protocol.Hello(args.id, os.getpid(), args.memory_limit, settings))
+        threading.Thread(target=worker.read_loop, name="socket-reader", daemon=True).start()
+        worker.serve()
+        worker.sock.close()
+        if worker.leaving:
+            break
+        # The gateway went away (it is being replaced): keep DuckDB warm and rejoin the new one.
+        log.warning("gateway_lost", worker=args.id)
+        try:
+            worker.sock = connect_gateway(str(runtime / "workers.sock"), cfg.workers.boot_timeout_s,
+                                          give_up=lambda: worker.leaving)
+        except OSError:
+            break
+    worker.con.close()
     _remove_tree(temp_dir)
     return 0
 

@@ -53,10 +53,12 @@ class WorkerLink:
         self.alive = True
         self.job: Job | None = None
         self.busy = False
+        self.retiring: str | None = None  # said Bye: gets no more queries
+        self.status: protocol.Status | None = None
 
     @property
     def state(self) -> str:
-        return "busy" if self.busy else "idle"
+        return "retiring" if self.retiring else "busy" if self.busy else "idle"
 
     def send(self, message: protocol.Message) -> None:
         if self.alive:
@@ -237,7 +239,9 @@ class Fleet:
         self.served = 0
         self.crashed = 0
         self.timeouts = 0
+        self.retried = 0
         self.rejected = {"queue_full": 0, "queue_timeout": 0}
+        self.recycled: dict[str, int] = {}
 
     # --- membership ---
 
@@ -261,6 +265,12 @@ class Fleet:
     async def _read_loop(self, link: WorkerLink) -> None:
         try:
             while (message := await protocol.read(link.reader)) is not None:
+                if isinstance(message, protocol.Status):
+                    link.status = message
+                    continue
+                if isinstance(message, protocol.Bye):
+                    self._retire(link, message.reason)
+                    continue
                 job = link.job
                 if job is None or getattr(message, "id", None) != job.id:
                     continue
@@ -284,15 +294,25 @@ class Fleet:
                 self.crashed += 1
                 link.job.on_lost()
                 link.job = None
-            log.info("worker_left", worker=link.worker_id, worker_pid=link.pid)
+            if link.retiring and link.retiring != "stop":
+                self.recycled[link.retiring] = self.recycled.get(link.retiring, 0) + 1
+            log.info("worker_left", worker=link.worker_id, worker_pid=link.pid,
+                     reason=link.retiring or "lost")
+
+    def _retire(self, link: WorkerLink, reason: str) -> None:
+        """The worker said Bye: no more queries; close once it is idle, so it can leave."""
+        link.retiring = reason
+        if link in self._idle:
+            self._idle.remove(link)
+            link.writer.close()
 
     @property
     def ready(self) -> int:
-        return len(self.links)
+        return sum(not link.retiring for link in self.links.values())
 
     @property
     def busy(self) -> int:
-        return sum(link.busy for link in self.links.values())
+        return sum(link.busy for link in self.links.values() if not link.retiring)
 
     def queued(self, priority: str | None = None) -> int:
         return sum(not f.done() and priority in (None, p) for _, _, f, p in self._waiters)
@@ -302,6 +322,9 @@ class Fleet:
     def _give(self, link: WorkerLink) -> None:
         link.busy = False
         if not link.alive:
+            return
+        if link.retiring:
+            link.writer.close()
             return
         while self._waiters:
             _, _, waiter, _ = heapq.heappop(self._waiters)
@@ -351,20 +374,24 @@ class Fleet:
         job = Job(self, link, next(self._ids), timeout, wait_ms)
         link.job = job
         job.start(protocol.Query(job.id, sql, fmt, segment.name, self.segments.chunk_bytes,
-                                 params, self.max_result_bytes, self.batch_rows), segment)
+                                 params, self.max_result_bytes, self.batch_rows, timeout), segment)
         return job
 
     def stats(self) -> dict:
         workers = [{"id": link.worker_id, "pid": link.pid, "state": link.state,
                     "served": link.served, "rss_bytes": link.rss(),
-                    "memory_limit": link.memory_limit}
+                    "memory_limit": link.memory_limit,
+                    "duckdb_memory_bytes": link.status.duckdb_memory if link.status else None,
+                    "connections": link.status.connections if link.status else 1}
                    for link in sorted(self.links.values(), key=lambda l: l.worker_id)]
         pool = self.segments
         return {"worker_count": len(workers), "busy": self.busy, "idle": len(workers) - self.busy,
                 "queued": self.queued(),
                 "queued_by_priority": {p: self.queued(p) for p in PRIORITY_RANK},
-                "served": self.served, "recycled": 0, "crashed": self.crashed,
-                "timeouts": self.timeouts, "rejected": dict(self.rejected),
+                "served": self.served, "recycled": sum(self.recycled.values()),
+                "recycled_by_reason": dict(self.recycled), "crashed": self.crashed,
+                "retried": self.retried, "timeouts": self.timeouts,
+                "rejected": dict(self.rejected),
                 "shm_segments_in_use": pool.in_use, "shm_segments_idle": pool.idle,
                 "shm_segments_created": pool.created, "shm_segment_bytes": pool.chunk_bytes,
                 "shm_waiting": pool.waiting,

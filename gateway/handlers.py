@@ -68,13 +68,21 @@ async def run_query(request: web.Request, fmt: str | None, priority: str) -> web
     query = await parse_query(request)
     fmt = fmt or query.format
     timeout = query.timeout_ms / 1000 if query.timeout_ms else None
-    job = await request.app[FLEET].submit(query.sql, fmt, query.params, timeout,
-                                          query.priority or priority)
-    try:
-        return await render.send_result(request, job, fmt,
-                                        request.app[CONFIG].results.send_timeout_s)
-    finally:
-        job.close()
+    fleet = request.app[FLEET]
+    for attempt in (1, 2):
+        job = await fleet.submit(query.sql, fmt, query.params, timeout, query.priority or priority)
+        try:
+            return await render.send_result(request, job, fmt,
+                                            request.app[CONFIG].results.send_timeout_s)
+        except QueryError as exc:
+            # Every query is a read: one that lost its worker before a byte was sent runs
+            # once more elsewhere (send_result aborts the stream itself after the first byte).
+            if exc.kind != Kind.WORKER_LOST or attempt == 2:
+                raise
+            fleet.retried += 1
+            log.warning("query_retried", query_id=job.id, error=exc.message)
+        finally:
+            job.close()
 
 
 async def query(request: web.Request) -> web.StreamResponse:

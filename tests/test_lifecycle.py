@@ -43,7 +43,8 @@ def test_64_concurrent_queries_on_2_workers(make_server):
 
 def test_memory_limit_from_budget(make_server):
     srv = make_server().start()
-    expected = int(system_memory_bytes() * 0.7 / 2)
+    # (RAM x 0.7 - 4 processes x 200 MiB overhead) / 2 workers
+    expected = (int(system_memory_bytes() * 0.7) - 4 * 200 * 2**20) // 2
     for worker in srv.stats()["workers"]:
         assert worker["memory_limit"] == expected
     assert srv.event("listening")["memory_limit_bytes"] == expected
@@ -85,14 +86,14 @@ def test_sigkill_worker_under_load(make_server):
     failures = [o for o in outcomes if o[1] != 200]
     assert all(o[2] is True for o in outcomes if o[1] == 200), "a wrong answer"
     assert all(o[1] == 503 and o[2] == "worker_lost" for o in failures), failures
-    assert len(failures) <= 1  # only the query the victim was running
+    assert not failures  # the query the victim was running was retried on the other worker
     assert answered_during or replaced_at - killed_at < 0.05, "the other worker stopped answering"
     new = next(p for p in srv.worker_pids() if p != victim)
     assert srv.query("SELECT 1 AS x").status == 200 and psutil.pid_exists(new)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_graceful_stop_finishes_in_flight_query(make_server, sig):
+def test_graceful_stop_finishes_in_flight_query(make_server):
+    sig = signal.SIGTERM
     srv = make_server().start()
     result = {}
     t = threading.Thread(target=lambda: result.update(resp=srv.query(SLOW_SQL)))
@@ -105,6 +106,26 @@ def test_graceful_stop_finishes_in_flight_query(make_server, sig):
     assert srv.stop() == 0
     assert_no_leaks(srv)
     assert srv.event("stopped")["exit_code"] == 0
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGQUIT])
+def test_quick_stop(make_server, sig):
+    srv = make_server().start()
+    result = {}
+
+    def run():
+        try:
+            result["resp"] = srv.query(ENDLESS_SQL, timeout=60)
+        except OSError as exc:
+            result["error"] = exc
+    t = threading.Thread(target=run)
+    t.start()
+    wait_for(lambda: srv.stats()["busy"] == 1, 10, what="the query to start")
+    assert srv.stop(sig, timeout=30) == 0
+    t.join(30)
+    assert "error" in result or result["resp"].status >= 500
+    assert srv.event("stopped")["quick"] is True
+    assert_no_leaks(srv)
 
 
 def test_grace_period_then_kill(make_server):

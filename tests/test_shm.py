@@ -78,20 +78,25 @@ def test_client_disconnect_while_running(make_server):
 
 
 def test_worker_crash_mid_query(make_server):
-    srv = make_server().start()
+    # One worker, so the retry that every lost query gets has nowhere to go but the
+    # replacement; here the replacement is killed too, so the client sees worker_lost.
+    srv = make_server(workers=1).start()
     result = {}
     t = threading.Thread(target=lambda: result.update(resp=srv.query(SLOW_SQL)))
     t.start()
     wait_for(lambda: srv.stats()["busy"] == 1, 10, what="the query to start")
-    busy = next(w["pid"] for w in srv.stats()["workers"] if w["state"] == "busy")
-    os.kill(busy, signal.SIGKILL)
+    for _ in range(2):
+        busy = wait_for(lambda: next((w["pid"] for w in srv.stats()["workers"]
+                                      if w["state"] == "busy"), None), 20, what="a busy worker")
+        os.kill(busy, signal.SIGKILL)
+        wait_for(lambda: busy not in srv.worker_pids(), 10, what="the gateway to notice")
     t.join(30)
     resp = result["resp"]
     assert resp.status == 503 and resp.json()["error_type"] == "worker_lost"
     assert resp.headers["Retry-After"]
     srv.wait_ready()
     settle(srv)
-    assert srv.stats()["crashed"] == 1
+    assert srv.stats()["crashed"] == 2 and srv.stats()["retried"] == 1
 
 
 def test_gateway_crash_sweeps_its_segments(make_server):
