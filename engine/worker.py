@@ -112,8 +112,12 @@ class Worker:
             pass  # the supervisor is gone; PR_SET_PDEATHSIG ends us
 
     def leave(self) -> None:
-        """SIGTERM: stop taking queries (handler-safe: only sets a flag and wakes the loop)."""
-        self.leaving = self.retiring or "stop"
+        """SIGTERM: stop taking queries (handler-safe: only sets a flag and wakes the loop).
+
+        At shutdown the gateway is gone before workers get SIGTERM, so a gateway that hears
+        this Bye is seeing a planned replacement (a recycling limit, a reload, a scale-down).
+        """
+        self.leaving = self.retiring or "replaced"
         self.inbox.put(WAKE)
 
     # --- the socket ---

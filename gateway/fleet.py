@@ -294,7 +294,7 @@ class Fleet:
                 self.crashed += 1
                 link.job.on_lost()
                 link.job = None
-            if link.retiring and link.retiring != "stop":
+            if link.retiring:
                 self.recycled[link.retiring] = self.recycled.get(link.retiring, 0) + 1
             log.info("worker_left", worker=link.worker_id, worker_pid=link.pid,
                      reason=link.retiring or "lost")

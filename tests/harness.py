@@ -107,11 +107,22 @@ class Server:
         except psutil.NoSuchProcess:
             return []
 
+    def processes(self, module: str) -> list[int]:
+        """Live (not zombie) descendants running `python -m module`."""
+        found = []
+        for proc in self.children():
+            try:
+                if proc.status() != psutil.STATUS_ZOMBIE and module in proc.cmdline():
+                    found.append(proc.pid)
+            except psutil.Error:
+                pass
+        return found
+
     def worker_pids(self) -> list[int]:
         return [w["pid"] for w in self.stats()["workers"]]
 
     def gateway_pid(self) -> int:
-        return next(p.pid for p in self.children() if "gateway.app" in " ".join(p.cmdline()))
+        return self.processes("gateway.app")[0]
 
     def send_signal(self, sig: int) -> None:
         self.process.send_signal(sig)
