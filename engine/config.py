@@ -54,6 +54,7 @@ class WorkersConfig(_Section):
     gc_full_every: PositiveInt = 100  # queries between full collections
     trim_growth_mb: PositiveInt = 32  # RSS growth that triggers malloc_trim(0)
     reconnect_growth_mb: PositiveInt = 512  # RSS growth since connect that recreates DuckDB
+    reconnect_after_rows: NonNegInt = 0  # Arc's trigger (it used 5000); 0 = off, for comparison
     # Liveness: heartbeats from the work loop.
     heartbeat_s: PositiveFloat = 1.0
     heartbeat_timeout_s: PositiveFloat = 15.0  # an idle worker silent this long is killed

@@ -169,29 +169,35 @@ class Worker:
                 protocol.send(self.sock, reply)
             except OSError:
                 return
-            self.after_query()
+            self.after_query(reply.rows if isinstance(reply, protocol.Result) else 0)
             self.status("idle")
 
     def idle_tick(self) -> None:
         """A heartbeat, memory figures for the gateway, and the age limit."""
         self.status("idle")
+        self.report_memory()
+        self.check_limits(current_rss())
+
+    def report_memory(self) -> None:
         memory = self.con.execute("SELECT coalesce(sum(memory_usage_bytes), 0)::BIGINT "
                                   "FROM duckdb_memory()").fetchone()[0]
         protocol.send(self.sock, protocol.Status(current_rss(), memory, self.queries, self.connections))
-        self.check_limits(current_rss())
 
-    def after_query(self) -> None:
+    def after_query(self, rows: int) -> None:
         self.queries += 1
         workers = self.cfg.workers
         rss = current_rss()
         if workers.hygiene:
             gc.collect(0 if self.queries % workers.gc_full_every else 2)
-            if rss - self.rss_at_connect > workers.reconnect_growth_mb * 2**20:
+            if (rss - self.rss_at_connect > workers.reconnect_growth_mb * 2**20
+                    or 0 < workers.reconnect_after_rows < rows):
                 self.reconnect(rss)
                 rss = current_rss()
             elif rss - self.rss_at_trim > workers.trim_growth_mb * 2**20:
                 malloc_trim()
                 rss = self.rss_at_trim = current_rss()
+        if self.queries % workers.gc_full_every == 0:
+            self.report_memory()  # a busy worker is never idle long enough to report
         self.check_limits(rss)
 
     def reconnect(self, rss: int) -> None:
@@ -203,6 +209,7 @@ class Worker:
         self.rss_at_connect = self.rss_at_trim = current_rss()
         log.info("duckdb_reconnected", worker=self.worker_id, rss_before=rss,
                  rss_after=self.rss_at_connect)
+        self.report_memory()
 
     def check_limits(self, rss: int) -> None:
         if self.retiring:
