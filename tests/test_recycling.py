@@ -274,3 +274,14 @@ def test_chaos_sigkill_random_workers(make_server, seconds):
     assert srv.query("SELECT 1 AS x").status == 200
     assert srv.stop() == 0
     assert_no_leaks(srv)
+
+
+def test_worker_that_cannot_boot_stops_the_server(make_server):
+    srv = make_server(config='[catalog.views]\nbroken = "SELECT * FROM nowhere"\n')
+    with pytest.raises(AssertionError, match="supervisor exited with 1"):
+        srv.start()
+    assert "nowhere" in srv.event("worker_boot_failed")["error"]
+    assert srv.event("worker_cannot_boot")
+    assert len(srv.events("spawned")) <= 3, "it must not spin"
+    assert_no_leaks(srv)
+    srv.process = None
