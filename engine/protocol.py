@@ -16,7 +16,7 @@ from typing import Any
 
 import msgspec
 
-VERSION = 1
+VERSION = 2  # 2: Query.databases (a worker that ignored it would widen a token's scope)
 MAGIC = b"DF"
 HEADER = struct.Struct("!2sBxI")
 MAX_FRAME = 64 * 1024 * 1024  # SQL text and parameters; results travel in shared memory
@@ -35,7 +35,10 @@ class Hello(msgspec.Struct, tag=True, frozen=True):
 
 
 class Query(msgspec.Struct, tag=True, frozen=True):
-    """Gateway -> worker: run sql, write the encoded result into the named segment."""
+    """Gateway -> worker: run sql, write the encoded result into the named segment.
+
+    `databases` limits what the query may read to those databases (a token's scope);
+    None means the whole catalog."""
     id: int
     sql: str
     format: str
@@ -43,6 +46,7 @@ class Query(msgspec.Struct, tag=True, frozen=True):
     params: list[Any] | None = None
     max_result_bytes: int = 0
     batch_rows: int = 122880
+    databases: list[str] | None = None
 
 
 class Cancel(msgspec.Struct, tag=True, frozen=True):

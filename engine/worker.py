@@ -1,10 +1,15 @@
 """A worker: one process, one DuckDB connection (threads=1), one query at a time.
 
 Started by the supervisor with exec (`python -m engine.worker`). At boot it opens DuckDB with
-its memory_limit and temp_directory, loads the catalog, reads every setting back and refuses
-to serve (exit code BOOT_FAILED) if one differs. Then it connects to the gateway's worker
-socket, says Hello, and serves Query messages in its main thread. A reader thread takes
-messages off the socket so that a Cancel can interrupt the running query.
+its memory_limit and temp_directory, loads the catalog, locks it into the sandbox
+(engine/sandbox.py), reads every setting back and refuses to serve (exit code BOOT_FAILED) if
+one differs. Then it connects to the gateway's worker socket, says Hello, and serves Query
+messages in its main thread. A reader thread takes messages off the socket so that a Cancel
+can interrupt the running query.
+
+A query from a token limited to some databases runs in a DuckDB instance of its own that holds
+only those databases and whose sandbox admits only their directories (`Instances`): what the
+token may read is decided by DuckDB's catalog and file system checks, not by reading the SQL.
 
 A result is encoded straight into the segment the gateway lent with the query; the worker
 replies with its length and keeps nothing. Failures are replied as typed Failure messages;
@@ -27,7 +32,7 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
-from engine import catalog, config as config_mod, log as log_mod, policy, protocol
+from engine import catalog, config as config_mod, log as log_mod, policy, protocol, sandbox
 from engine.encode import FORMATS, write_result
 from engine.errors import Kind, QueryError
 from engine.process import BOOT_FAILED, die_with_parent, malloc_trim
@@ -36,19 +41,92 @@ from engine.shm import SegmentWriter
 log = log_mod.get()
 
 
-def open_database(cfg: config_mod.Config, memory_limit: int, temp_dir: str) -> duckdb.DuckDBPyConnection:
-    """The worker's connection: settings applied, catalog loaded, settings verified."""
+def open_database(cfg: config_mod.Config, memory_limit: int, temp_dir: str,
+                  scope: list[str] | None = None) -> duckdb.DuckDBPyConnection:
+    """A DuckDB instance: settings applied, catalog (or the scope's part) loaded, sandboxed,
+    everything verified by reading it back."""
     con = duckdb.connect(":memory:", config={
         "threads": cfg.duckdb.threads,
         "memory_limit": f"{memory_limit}B",
         "temp_directory": temp_dir,
     })
     con.execute("SET TimeZone = 'UTC'")
-    for statement in catalog.boot_statements(cfg.catalog):
+    for statement in catalog.boot_statements(cfg.catalog, scope):
         con.execute(statement)
+    for statement in catalog.view_statements(cfg.catalog):
+        try:
+            con.execute(statement)
+        except duckdb.Error:
+            if scope is None:
+                raise
+            # The view reads a database out of this scope: it does not exist here.
+    directories = [*catalog.directories(cfg.catalog, scope), temp_dir]
+    sandbox.apply(con, directories)
+    attached = [p for name, p in cfg.catalog.databases.items() if scope is None or name in scope]
+    sandbox.verify(con, directories, attached)
     verify_settings(con, {"threads": str(cfg.duckdb.threads), "memory_limit": memory_limit,
                           "temp_directory": temp_dir, "TimeZone": "UTC"})
     return con
+
+
+class Instances:
+    """The worker's DuckDB instances: the whole catalog, and one per scope (a token's databases).
+
+    Scoped instances open on first use and the least recently used is closed beyond MAX_SCOPED:
+    only one query runs at a time, so an idle instance holds little memory. Main thread only.
+    """
+
+    MAX_SCOPED = 4
+
+    def __init__(self, cfg: config_mod.Config, memory_limit: int, temp_root: Path):
+        self.cfg = cfg
+        self.memory_limit = memory_limit
+        self.temp_root = temp_root
+        self.full = open_database(cfg, memory_limit, str(temp_root / "all"))
+        self._scoped: dict[tuple[str, ...], tuple[duckdb.DuckDBPyConnection, Path]] = {}
+        self._opened = 0
+
+    def get(self, scope: list[str] | None) -> duckdb.DuckDBPyConnection:
+        if scope is None:
+            return self.full
+        key = tuple(sorted(set(scope)))
+        if key in self._scoped:
+            self._scoped[key] = self._scoped.pop(key)  # most recently used goes last
+            return self._scoped[key][0]
+        if len(self._scoped) >= self.MAX_SCOPED:
+            self._close(next(iter(self._scoped)))
+        self._opened += 1
+        temp_dir = self.temp_root / f"scope-{self._opened}"
+        con = open_database(self.cfg, self.memory_limit, str(temp_dir), list(key))
+        self._scoped[key] = (con, temp_dir)
+        log.info("scope_opened", databases=list(key))
+        return con
+
+    def outside_scope(self, sql: str) -> bool:
+        """Whether a SELECT that failed on a catalog lookup in a scoped instance binds against
+        the whole catalog: then it names something the scope leaves out. Binding a SELECT
+        reads no rows (the relation is never executed); it only chooses 403 over 400."""
+        try:
+            statement = self.full.extract_statements(sql)[0]
+            if statement.type != duckdb.StatementType.SELECT:
+                return False
+            self.full.sql(sql)
+        except duckdb.CatalogException:
+            return False
+        except duckdb.Error:
+            return True  # got past every catalog lookup, failed on something else (parameters)
+        return True
+
+    def close(self) -> None:
+        for key in list(self._scoped):
+            self._close(key)
+        self.full.close()
+        _remove_tree(self.temp_root)
+
+    def _close(self, key) -> None:
+        con, temp_dir = self._scoped.pop(key)
+        con.close()
+        _remove_tree(temp_dir)
 
 
 def read_settings(con: duckdb.DuckDBPyConnection, names) -> dict[str, str]:
@@ -67,14 +145,14 @@ def verify_settings(con: duckdb.DuckDBPyConnection, expected: dict) -> dict[str,
 
 
 class Worker:
-    def __init__(self, worker_id: int, cfg: config_mod.Config, con: duckdb.DuckDBPyConnection,
+    def __init__(self, worker_id: int, cfg: config_mod.Config, instances: Instances,
                  sock: socket.socket):
         self.worker_id = worker_id
         self.cfg = cfg
-        self.con = con
+        self.instances = instances
         self.sock = sock
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._running_id: int | None = None
+        self._running: tuple[int, duckdb.DuckDBPyConnection] | None = None
         self._lock = threading.Lock()
 
     def read_loop(self) -> None:
@@ -85,8 +163,8 @@ class Worker:
                     self.inbox.put(message)
                 elif isinstance(message, protocol.Cancel):
                     with self._lock:
-                        if self._running_id == message.id:
-                            self.con.interrupt()
+                        if self._running is not None and self._running[0] == message.id:
+                            self._running[1].interrupt()
         except (OSError, protocol.ProtocolError) as exc:
             log.warning("gateway_connection_failed", error=str(exc))
         self.inbox.put(None)
@@ -101,14 +179,16 @@ class Worker:
 
     def run(self, query: protocol.Query) -> protocol.Result | protocol.Failure:
         started = time.perf_counter()
-        with self._lock:
-            self._running_id = query.id
+        con = None
         try:
             if query.format not in FORMATS:
                 raise QueryError(Kind.BAD_REQUEST, f"unknown format {query.format!r}")
-            policy.check(self.con, query.sql)
+            con = self.instances.get(query.databases)
+            with self._lock:
+                self._running = (query.id, con)
+            policy.check(con, query.sql)
             with SegmentWriter(query.segment, query.max_result_bytes) as sink:
-                rel = self.con.sql(query.sql, params=query.params) if query.params else self.con.sql(query.sql)
+                rel = con.sql(query.sql, params=query.params) if query.params else con.sql(query.sql)
                 if rel is None:
                     raise QueryError(Kind.BAD_REQUEST, "the statement returns no result")
                 rows = write_result(rel, query.format, sink, query.batch_rows)
@@ -122,9 +202,15 @@ class Worker:
         except duckdb.OutOfMemoryException as exc:
             return protocol.Failure(query.id, Kind.OUT_OF_MEMORY,
                                     f"{exc} (this worker's memory_limit is "
-                                    f"{read_settings(self.con, ['memory_limit'])['memory_limit']})")
+                                    f"{read_settings(con, ['memory_limit'])['memory_limit']})")
         except duckdb.PermissionException as exc:
             return protocol.Failure(query.id, Kind.FORBIDDEN, str(exc))
+        except duckdb.CatalogException as exc:
+            if query.databases is not None and self.instances.outside_scope(query.sql):
+                return protocol.Failure(query.id, Kind.FORBIDDEN,
+                                        f"this token may read only the databases "
+                                        f"{', '.join(query.databases)}: {exc}")
+            return protocol.Failure(query.id, Kind.SQL_ERROR, str(exc))
         except duckdb.Error as exc:
             return protocol.Failure(query.id, Kind.SQL_ERROR, str(exc))
         except pa.ArrowNotImplementedError as exc:
@@ -135,7 +221,7 @@ class Worker:
             return protocol.Failure(query.id, Kind.INTERNAL, f"internal error: {type(exc).__name__}")
         finally:
             with self._lock:
-                self._running_id = None
+                self._running = None
             gc.collect(0)
 
 
@@ -161,30 +247,33 @@ def main(argv=None) -> int:
     parser.add_argument("--memory-limit", type=int, required=True)
     args = parser.parse_args(argv)
     die_with_parent(args.supervisor_pid)
+    os.umask(0o077)  # DuckDB's temp files and directories are this user's alone
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when workers stop
     runtime = Path(args.runtime_dir)
     cfg = config_mod.decode((runtime / "config.json").read_bytes())
     global log
     log = log_mod.setup(f"worker-{args.id}", cfg.server.log_level)
 
-    temp_dir = runtime / f"tmp-worker-{args.id}-{os.getpid()}"
+    # Resolved: DuckDB compares real paths with allowed_directories.
+    temp_root = runtime.resolve() / f"tmp-worker-{args.id}-{os.getpid()}"
     try:
-        con = open_database(cfg, args.memory_limit, str(temp_dir))
-        settings = read_settings(con, ["threads", "memory_limit", "temp_directory", "TimeZone"])
+        instances = Instances(cfg, args.memory_limit, temp_root)
+        settings = {**read_settings(instances.full, ["threads", "memory_limit", "temp_directory",
+                                                     "TimeZone"]),
+                    **sandbox.read(instances.full)}
         sock = connect_gateway(str(runtime / "workers.sock"), cfg.workers.boot_timeout_s)
     except Exception as exc:
         log.error("worker_boot_failed", worker=args.id, error=str(exc))
         return BOOT_FAILED
     malloc_trim()
-    worker = Worker(args.id, cfg, con, sock)
+    worker = Worker(args.id, cfg, instances, sock)
     protocol.send(sock, protocol.Hello(args.id, os.getpid(), args.memory_limit, settings))
     signal.signal(signal.SIGTERM, lambda *_: worker.inbox.put(None))
     threading.Thread(target=worker.read_loop, name="socket-reader", daemon=True).start()
-    log.info("worker_ready", worker=args.id, **settings)
+    log.info("ready", process="worker", slot=args.id, **settings)
     worker.serve()
     sock.close()
-    con.close()
-    _remove_tree(temp_dir)
+    instances.close()
     return 0
 
 

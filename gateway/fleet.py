@@ -200,8 +200,8 @@ class Fleet:
                 self._give(waiter.result())
             raise
 
-    async def run(self, sql: str, fmt: str, params: list | None,
-                  timeout_s: float | None) -> tuple[protocol.Result, Segment, float]:
+    async def run(self, sql: str, fmt: str, params: list | None, timeout_s: float | None,
+                  databases: list[str] | None = None) -> tuple[protocol.Result, Segment, float]:
         """Run one query; returns (reply, segment holding the result, wait ms).
 
         The caller sends the segment's bytes, then gives it back with segments.release().
@@ -211,7 +211,7 @@ class Fleet:
         wait_ms = (time.perf_counter() - started) * 1000
         segment = self.segments.acquire()
         query = protocol.Query(next(self._ids), sql, fmt, segment.name, params,
-                               self.max_result_bytes, self.batch_rows)
+                               self.max_result_bytes, self.batch_rows, databases)
         timeout = min(timeout_s, self.query_timeout) if timeout_s else self.query_timeout
         released = False
         try:
