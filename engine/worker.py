@@ -45,6 +45,7 @@ def open_database(cfg: config_mod.Config, memory_limit: int, temp_dir: str,
                   scope: list[str] | None = None) -> duckdb.DuckDBPyConnection:
     """A DuckDB instance: settings applied, catalog (or the scope's part) loaded, sandboxed,
     everything verified by reading it back."""
+    Path(temp_dir).mkdir(mode=0o700, parents=True, exist_ok=True)  # DuckDB makes only the last level
     con = duckdb.connect(":memory:", config={
         "threads": cfg.duckdb.threads,
         "memory_limit": f"{memory_limit}B",
@@ -78,13 +79,19 @@ class Instances:
 
     MAX_SCOPED = 4
 
-    def __init__(self, cfg: config_mod.Config, memory_limit: int, temp_root: Path):
+    def __init__(self, cfg: config_mod.Config, memory_limit: int, temp_root: Path,
+                 full: duckdb.DuckDBPyConnection):
         self.cfg = cfg
         self.memory_limit = memory_limit
         self.temp_root = temp_root
-        self.full = open_database(cfg, memory_limit, str(temp_root / "all"))
+        self.full = full
         self._scoped: dict[tuple[str, ...], tuple[duckdb.DuckDBPyConnection, Path]] = {}
         self._opened = 0
+
+    @classmethod
+    def open(cls, cfg: config_mod.Config, memory_limit: int, temp_root: Path) -> "Instances":
+        return cls(cfg, memory_limit, temp_root,
+                   open_database(cfg, memory_limit, str(temp_root / "all")))
 
     def get(self, scope: list[str] | None) -> duckdb.DuckDBPyConnection:
         if scope is None:
@@ -102,19 +109,17 @@ class Instances:
         log.info("scope_opened", databases=list(key))
         return con
 
-    def outside_scope(self, sql: str) -> bool:
-        """Whether a SELECT that failed on a catalog lookup in a scoped instance binds against
-        the whole catalog: then it names something the scope leaves out. Binding a SELECT
-        reads no rows (the relation is never executed); it only chooses 403 over 400."""
+    def outside_scope(self, sql: str, error: duckdb.Error) -> bool:
+        """Whether a SELECT that failed to bind in a scoped instance gets further against the
+        whole catalog: then it names something the scope leaves out. Binding reads no rows
+        (the relation is never executed); this only chooses 403 over 400."""
         try:
-            statement = self.full.extract_statements(sql)[0]
-            if statement.type != duckdb.StatementType.SELECT:
+            if self.full.extract_statements(sql)[0].type != duckdb.StatementType.SELECT:
                 return False
-            self.full.sql(sql)
-        except duckdb.CatalogException:
-            return False
-        except duckdb.Error:
-            return True  # got past every catalog lookup, failed on something else (parameters)
+            self.full.sql(sql)  # without the parameters: binding them would execute
+        except duckdb.Error as exc:
+            # Compare first lines: DuckDB's "Did you mean" hints differ between catalogs.
+            return str(exc).partition("\n")[0] != str(error).partition("\n")[0]
         return True
 
     def close(self) -> None:
@@ -153,6 +158,7 @@ class Worker:
         self.sock = sock
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._running: tuple[int, duckdb.DuckDBPyConnection] | None = None
+        self._interrupted: int | None = None  # id of the query a Cancel interrupted
         self._lock = threading.Lock()
 
     def read_loop(self) -> None:
@@ -164,6 +170,7 @@ class Worker:
                 elif isinstance(message, protocol.Cancel):
                     with self._lock:
                         if self._running is not None and self._running[0] == message.id:
+                            self._interrupted = message.id
                             self._running[1].interrupt()
         except (OSError, protocol.ProtocolError) as exc:
             log.warning("gateway_connection_failed", error=str(exc))
@@ -205,8 +212,8 @@ class Worker:
                                     f"{read_settings(con, ['memory_limit'])['memory_limit']})")
         except duckdb.PermissionException as exc:
             return protocol.Failure(query.id, Kind.FORBIDDEN, str(exc))
-        except duckdb.CatalogException as exc:
-            if query.databases is not None and self.instances.outside_scope(query.sql):
+        except (duckdb.CatalogException, duckdb.BinderException) as exc:
+            if query.databases is not None and self.instances.outside_scope(query.sql, exc):
                 return protocol.Failure(query.id, Kind.FORBIDDEN,
                                         f"this token may read only the databases "
                                         f"{', '.join(query.databases)}: {exc}")
@@ -217,6 +224,10 @@ class Worker:
             return protocol.Failure(query.id, Kind.BAD_REQUEST,
                                     f"format {query.format!r} cannot encode this result: {exc}")
         except Exception as exc:  # a bug here must not take the worker down with it
+            if self._interrupted == query.id:
+                # DuckDB's interrupt can surface through pyarrow's batch reader as an OSError.
+                return protocol.Failure(query.id, Kind.TIMEOUT,
+                                        "query interrupted: it ran past its deadline")
             log.error("query_failed", exc_info=True, query_id=query.id)
             return protocol.Failure(query.id, Kind.INTERNAL, f"internal error: {type(exc).__name__}")
         finally:
@@ -257,7 +268,7 @@ def main(argv=None) -> int:
     # Resolved: DuckDB compares real paths with allowed_directories.
     temp_root = runtime.resolve() / f"tmp-worker-{args.id}-{os.getpid()}"
     try:
-        instances = Instances(cfg, args.memory_limit, temp_root)
+        instances = Instances.open(cfg, args.memory_limit, temp_root)
         settings = {**read_settings(instances.full, ["threads", "memory_limit", "temp_directory",
                                                      "TimeZone"]),
                     **sandbox.read(instances.full)}
