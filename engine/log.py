@@ -53,13 +53,20 @@ class Logger:
         self._log(logging.ERROR, event, exc_info=exc_info, **fields)
 
 
-def setup(role: str, level: str = "info") -> Logger:
+def setup(role: str, level: str = "info", libraries: tuple[str, ...] = ()) -> Logger:
+    """JSON lines on stderr for duckfleet's logger, and for the named libraries' loggers
+    (warnings and worse), so that no plain-text line or traceback ends up in the log."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_JsonFormatter(role))
     root = logging.getLogger("duckfleet")
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     root.propagate = False
+    for name in libraries:
+        library = logging.getLogger(name)
+        library.handlers[:] = [handler]
+        library.setLevel(max(logging.WARNING, root.level))
+        library.propagate = False
     return Logger(root)
 
 

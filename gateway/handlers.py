@@ -1,8 +1,11 @@
 """HTTP routes. Each handler parses, asks the fleet, and renders; errors become JSON in
-`errors_middleware`, which with render.STATUS is the only place a status code is chosen."""
+`errors_middleware`, which with render.STATUS is the only place a status code is chosen.
+Query handlers note what they learn (format, rows, times) in the request's RequestFacts for
+the access log and the metrics (gateway/access.py)."""
 
 from __future__ import annotations
 
+import time
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -11,10 +14,13 @@ from aiohttp import web
 from engine import log as log_mod
 from engine.encode import MEDIA_TYPES
 from engine.errors import Kind, QueryError
-from gateway import render
+from gateway import openapi, render
+from gateway.access import FACTS, METRICS
 from gateway.fleet import Fleet
+from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 
 FLEET = web.AppKey("fleet", Fleet)
+AUTH_ENABLED = web.AppKey("auth_enabled", bool)
 log = log_mod.get()
 
 
@@ -34,18 +40,26 @@ async def errors_middleware(request: web.Request, handler):
     try:
         return await handler(request)
     except QueryError as exc:
-        return render.error_response(exc.kind, exc.message)
+        return _error(request, exc.kind, exc.message)
     except web.HTTPRequestEntityTooLarge as exc:
-        return render.error_response(Kind.TOO_LARGE, f"request body is over the limit "
-                                     f"({exc.text or 'server.max_body_kb'})")
+        return _error(request, Kind.TOO_LARGE, f"request body is over the limit "
+                                               f"({exc.text or 'server.max_body_kb'})")
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         kind = Kind.BAD_REQUEST if exc.status < 500 else Kind.INTERNAL
-        return render.error_response(kind, exc.reason, status=exc.status)
+        response = _error(request, kind, exc.reason, status=exc.status)
+        if "Allow" in exc.headers:  # 405 says which methods the route has
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
     except Exception:
         log.error("handler_failed", exc_info=True, path=request.path)
-        return render.error_response(Kind.INTERNAL, "internal error")
+        return _error(request, Kind.INTERNAL, "internal error")
+
+
+def _error(request: web.Request, kind: Kind, message: str, status: int | None = None) -> web.Response:
+    request[FACTS].error_type = str(kind)
+    return render.error_response(kind, message, status)
 
 
 async def parse_query(request: web.Request) -> QueryRequest:
@@ -56,6 +70,10 @@ async def parse_query(request: web.Request) -> QueryRequest:
         raise QueryError(Kind.BAD_REQUEST, f"invalid request: {exc}") from None
     except msgspec.DecodeError as exc:
         raise QueryError(Kind.BAD_REQUEST, f"request body is not valid JSON: {exc}") from None
+    except UnicodeDecodeError:
+        raise QueryError(Kind.BAD_REQUEST, "request body is not valid UTF-8") from None
+    except RecursionError:  # params nested thousands deep
+        raise QueryError(Kind.BAD_REQUEST, "request body is nested too deeply") from None
     if not query.sql.strip():
         raise QueryError(Kind.BAD_REQUEST, "sql is empty")
     if "\x00" in query.sql:
@@ -64,11 +82,18 @@ async def parse_query(request: web.Request) -> QueryRequest:
 
 
 async def run_query(request: web.Request, fmt: str | None = None) -> web.StreamResponse:
+    facts = request[FACTS]
+    facts.format = fmt or "json"  # the route's default, so a body that does not parse counts too
     query = await parse_query(request)
-    fmt = fmt or query.format
+    fmt = facts.format = fmt or query.format
+    facts.sql = query.sql
     fleet = request.app[FLEET]
     timeout = query.timeout_ms / 1000 if query.timeout_ms else None
-    reply, segment, wait_ms = await fleet.run(query.sql, fmt, query.params, timeout)
+    databases = facts.token.databases if facts.token else None
+    reply, segment, wait_ms = await fleet.run(query.sql, fmt, query.params, timeout,
+                                              databases=databases)
+    facts.rows, facts.wait_ms, facts.execution_ms = reply.rows, wait_ms, reply.execution_ms
+    ready = time.perf_counter()
     try:
         headers = {"X-Row-Count": str(reply.rows),
                    "X-Execution-Time-Ms": f"{reply.execution_ms:.3f}",
@@ -78,6 +103,7 @@ async def run_query(request: web.Request, fmt: str | None = None) -> web.StreamR
                                          MEDIA_TYPES[fmt], headers)
     finally:
         fleet.segments.release(segment)
+        facts.send_ms = (time.perf_counter() - ready) * 1000
 
 
 async def query(request: web.Request) -> web.StreamResponse:
@@ -109,6 +135,19 @@ async def stats(request: web.Request) -> web.Response:
     return web.json_response(request.app[FLEET].stats())
 
 
+async def metrics_text(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[METRICS].text(),
+                        headers={"Content-Type": METRICS_CONTENT_TYPE})
+
+
+async def metrics_json(request: web.Request) -> web.Response:
+    return web.json_response(request.app[METRICS].as_json())
+
+
+async def openapi_json(request: web.Request) -> web.Response:
+    return web.json_response(openapi.document(QueryRequest, request.app[AUTH_ENABLED]))
+
+
 def routes() -> list[web.RouteDef]:
     return [
         web.post("/api/v1/query", query),
@@ -118,4 +157,7 @@ def routes() -> list[web.RouteDef]:
         web.get("/health/ready", ready),
         web.get("/ready", ready),
         web.get("/api/v1/stats/connections", stats),
+        web.get("/api/v1/metrics", metrics_json),
+        web.get("/metrics", metrics_text),
+        web.get("/api/v1/openapi.json", openapi_json),
     ]
