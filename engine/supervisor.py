@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine import catalog, config as config_mod, log as log_mod, memory, shm
+from engine import catalog, config as config_mod, log as log_mod, memory, shm, tokens
 from engine.process import BOOT_FAILED
 
 RUNTIME_PREFIX = "duckfleet-"
@@ -60,6 +60,8 @@ class Supervisor:
     def prepare(self) -> None:
         """Everything that can fail before a process is spawned."""
         self.memory_limit = memory.worker_memory_limit(self.cfg)
+        if self.cfg.auth.enabled:
+            check_tokens_file(self.cfg.auth.tokens_file)
         shm.sweep_dead_fleets()
         base = Path(self.cfg.server.runtime_dir or os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir())
         sweep_dead_runtime_dirs(base)
@@ -130,8 +132,11 @@ class Supervisor:
             code = os.waitstatus_to_exitcode(status)
             child.exited.set_result(code)
             how = {"signal": signal.Signals(-code).name} if code < 0 else {"exit_code": code}
-            log.info("exited", process=child.role, slot=child.slot, child_pid=pid,
-                     uptime_s=round(time.monotonic() - child.started, 3), **how)
+            # A signal or an error code outside a stop is a crash; the rest are planned exits.
+            crashed = code != 0 and not self.stopping
+            (log.warning if crashed else log.info)(
+                "crashed" if crashed else "exited", process=child.role, slot=child.slot,
+                child_pid=pid, uptime_s=round(time.monotonic() - child.started, 3), **how)
             if not self.stopping:
                 self.replace(child, code)
 
@@ -192,12 +197,27 @@ def _signal(pid: int, sig: int) -> None:
         pass
 
 
+def check_tokens_file(path: str) -> None:
+    """With auth on, start only with a token file that parses (an empty one would lock all out)."""
+    try:
+        found = tokens.load(path)
+    except tokens.TokenFileError as exc:
+        raise config_mod.ConfigError(f"auth.tokens_file: {exc}") from None
+    if not found:
+        raise config_mod.ConfigError(f"auth.tokens_file: {path} holds no token; make one with "
+                                     "`python -m engine.tokens create NAME`")
+
+
 def bind_listeners(server: config_mod.ServerConfig) -> list[socket.socket]:
     listeners = [socket.create_server((server.host, server.port), backlog=1024, reuse_port=False)]
     if server.unix_socket:
         path = Path(server.unix_socket)
         path.unlink(missing_ok=True)
-        listeners.append(socket.create_server(str(path), family=socket.AF_UNIX, backlog=1024))
+        old_umask = os.umask(0o177)  # the socket file is created 0600: only this user connects
+        try:
+            listeners.append(socket.create_server(str(path), family=socket.AF_UNIX, backlog=1024))
+        finally:
+            os.umask(old_umask)
     for listener in listeners:
         listener.set_inheritable(True)
     return listeners
