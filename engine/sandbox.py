@@ -5,8 +5,8 @@ loaded (binding views and attaching databases needs file access) and before any 
 `apply` sets, in this order:
 
   allowed_directories = the catalog's data directories and the instance's temp directory,
-      each with a trailing slash: DuckDB matches them as prefixes, and without the slash
-      /srv/data would also admit /srv/data2.
+      written with a trailing slash as DuckDB reads them back (1.5.5 adds the slash itself
+      and then matches prefixes, so /srv/data never admits /srv/data2).
   enable_external_access = false: files outside allowed_directories, extensions, the network
       and Python objects are refused. At this point DuckDB itself puts the attached database
       files (and their WAL names) in allowed_paths, and nothing else.

@@ -44,6 +44,9 @@ def trap(tmp_path_factory):
     con.execute(f"COPY (SELECT '{SECRET}' AS secret) TO '{outside_db / 'x.parquet'}' (FORMAT parquet)")
     con.close()
     os.symlink(root / "outside_db", data / "evil")  # a database directory pointing out
+    sibling = root / "data2"  # shares the data directory's name as a prefix
+    sibling.mkdir()
+    (sibling / "secret.csv").write_text(secret.read_text())
     (root / "outside").mkdir()
     return {"root": root, "data": data, "secret": secret, "outside": root / "outside"}
 
@@ -92,6 +95,7 @@ def corpus(data, outside, secret, runtime):
         (f"SELECT * FROM read_text('{d}/escape/secret.csv')", forbidden),
         (f"SELECT * FROM glob('{d}/escape/*')", forbidden),
         (f"SELECT * FROM read_text('{d}/**/*.csv')", forbidden),
+        (f"SELECT * FROM read_csv('{d}2/secret.csv')", forbidden),  # a prefix, not a directory
         ("SELECT * FROM evil.cpu", forbidden),  # the catalog's view over the symlinked database
         # table names with traversal
         ('SELECT * FROM "../secret.csv"', forbidden),  # a file name: DuckDB tries to read it
