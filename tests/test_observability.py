@@ -180,7 +180,7 @@ def fuzz_target(data, tmp_path_factory):
     """An auth-enabled fleet with short timeouts, and a token for it."""
     root = tmp_path_factory.mktemp("fuzz")
     token = tokens.create(root / "tokens.json", "fuzz")
-    server = Server(root / "srv", data, config=(
+    server = Server(root / "srv", data, workers=1, config=(
         f'[auth]\nenabled = true\ntokens_file = "{root / "tokens.json"}"\n'
         "[queue]\nquery_timeout_s = 5\n")).start()
     yield server, token
@@ -203,10 +203,10 @@ CHECKS = [getattr(schemathesis.checks, name) for name in (
 
 
 @schema.parametrize()
-@settings(max_examples=15, deadline=None, derandomize=True, database=None,
+@settings(max_examples=10, deadline=None, derandomize=True, database=None,
           suppress_health_check=list(HealthCheck))
 def test_openapi_property_based(case, fuzz_target):
-    """Bounded: 15 generated requests per operation. No 5xx; each response matches the document.
+    """Bounded: 10 generated requests per operation. No 5xx; each response matches the document.
 
     A generated timeout_ms of 1 ms gets its documented 504 (tests/test_hostile.py checks that):
     such deadlines are raised here, so that any 5xx left is a bug."""

@@ -5,13 +5,15 @@ import os
 import stat
 import subprocess
 import sys
+import threading
 
 import duckdb
 import pytest
 
 from engine import tokens
 from gateway.ratelimit import TokenBuckets
-from tests.harness import REPO, Server, assert_no_leaks, fleet_segments, write_small_dataset
+from tests.harness import (REPO, Server, assert_no_leaks, fleet_segments, wait_for,
+                           write_small_dataset)
 
 ROWS = 10  # rows per database in the small dataset
 
@@ -265,17 +267,28 @@ def test_files_and_sockets_are_private(make_server, site, tmp_path):
     sock_path = tmp_path / "http.sock"
     srv = make_server(data_dir=site["data"], workers=1, config=(
         f'[server]\nunix_socket = "{sock_path}"\n[duckdb]\nmemory_limit = "64MB"\n')).start()
-    # A sort larger than memory_limit spills: DuckDB writes into its temp directory.
-    spill = srv.query("SELECT count(*) FROM (SELECT md5(i::VARCHAR) AS h FROM range(3000000) t(i) "
-                      "ORDER BY h OFFSET 1)", format="arrow")
-    assert spill.status == 200, spill
-    assert any(p.name.startswith("tmp-worker") for p in srv.runtime_dir.iterdir())
-    assert stat.S_IMODE(sock_path.stat().st_mode) == 0o600
     runtime = srv.runtime_dir
-    assert stat.S_IMODE(runtime.stat().st_mode) == 0o700
-    for path in [runtime, *runtime.rglob("*")]:
+
+    def private(path):
         mode = stat.S_IMODE(path.lstat().st_mode)
         assert mode & 0o077 == 0, f"{path} is {oct(mode)}"
+
+    # A sort larger than memory_limit spills; DuckDB deletes its temp files when the query
+    # ends, so look at them while it runs.
+    sort = "SELECT count(*) FROM (SELECT md5(i::VARCHAR) AS h FROM range(3000000) t(i) ORDER BY h OFFSET 1)"
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(resp=srv.query(sort, format="arrow")))
+    thread.start()
+    spilled = wait_for(lambda: [p for p in runtime.glob("tmp-worker-*/all/*") if p.is_file()],
+                       30, interval=0.005, what="DuckDB's spill files")
+    for path in spilled:
+        private(path)
+    thread.join(60)
+    assert result["resp"].status == 200, result
+    assert stat.S_IMODE(sock_path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(runtime.stat().st_mode) == 0o700
+    for path in [runtime, *runtime.rglob("*")]:
+        private(path)
     segments = fleet_segments(srv.process.pid)
     assert segments
     for name in segments:
