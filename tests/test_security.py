@@ -123,7 +123,8 @@ def test_every_route_but_health_needs_a_token(auth_server):
     for path in ("/health", "/health/live", "/health/ready", "/ready"):
         assert get(auth_server, path).status == 200, path
     for path in ("/metrics", "/api/v1/metrics", "/api/v1/stats/connections",
-                 "/api/v1/openapi.json", "/nope"):
+                 "/api/v1/openapi.json", "/nope", "/health/../metrics", "/health/%2E%2E/metrics",
+                 "/health%2F..%2Fmetrics", "//metrics", "/health/"):
         resp = get(auth_server, path)
         assert resp.status == 401 and error_type(resp) == "unauthorized", path
         assert resp.headers["WWW-Authenticate"] == "Bearer"
