@@ -5,6 +5,11 @@ Pure: builds the statements a worker runs at boot, before any user SQL. Layout u
 view per measurement; the default database comes first on the search path, so `cpu` and
 `"default".cpu` name the same table (DuckDB reserves the word default, hence the quotes).
 Views read the file list at query time, so new files are visible to the next query.
+
+A worker may also load a part of the catalog: only the given databases (Arc databases and
+attached ones, by name), for a token limited to them. `directories` then names only those
+databases' directories, which become the instance's sandbox (engine/sandbox.py), so nothing
+else under data_dir can be read by any route, views or table functions alike.
 """
 
 from __future__ import annotations
@@ -39,9 +44,21 @@ def databases(data_dir: str) -> dict[str, list[str]]:
     return found
 
 
-def boot_statements(catalog: CatalogConfig) -> list[str]:
+def _in_scope(name: str, scope: list[str] | None) -> bool:
+    return scope is None or name in scope
+
+
+def directories(catalog: CatalogConfig, scope: list[str] | None = None) -> list[str]:
+    """The data directories a DuckDB instance loaded with this scope may read."""
+    if scope is None:
+        return [catalog.data_dir]
+    return [str(Path(catalog.data_dir, db)) for db in databases(catalog.data_dir) if db in scope]
+
+
+def boot_statements(catalog: CatalogConfig, scope: list[str] | None = None) -> list[str]:
+    """Schemas, views and attachments of the databases in scope (None: all), and the search path."""
     statements = []
-    found = databases(catalog.data_dir)
+    found = {db: m for db, m in databases(catalog.data_dir).items() if _in_scope(db, scope)}
     for db, measurements in found.items():
         statements.append(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(db)}")
         for m in measurements:
@@ -49,9 +66,14 @@ def boot_statements(catalog: CatalogConfig) -> list[str]:
             statements.append(f"CREATE VIEW {quote_ident(db)}.{quote_ident(m)} AS "
                               f"SELECT * FROM read_parquet({_literal(files)})")
     for name, path in catalog.databases.items():
-        statements.append(f"ATTACH {_literal(path)} AS {quote_ident(name)} (READ_ONLY)")
+        if _in_scope(name, scope):
+            statements.append(f"ATTACH {_literal(path)} AS {quote_ident(name)} (READ_ONLY)")
     search = [catalog.default_database] if catalog.default_database in found else []
     statements.append(f"SET search_path = {_literal(','.join([*search, 'main']))}")
-    for name, sql in catalog.views.items():
-        statements.append(f"CREATE VIEW main.{quote_ident(name)} AS {sql}")
     return statements
+
+
+def view_statements(catalog: CatalogConfig) -> list[str]:
+    """The configured views; DuckDB binds each as it is created, so one over a database out of
+    scope fails to create (the worker then leaves it out of that scope)."""
+    return [f"CREATE VIEW main.{quote_ident(name)} AS {sql}" for name, sql in catalog.views.items()]

@@ -19,6 +19,7 @@ from msgspec import Meta
 PositiveInt = Annotated[int, Meta(ge=1)]
 NonNegInt = Annotated[int, Meta(ge=0)]
 PositiveFloat = Annotated[float, Meta(gt=0)]
+NonNegFloat = Annotated[float, Meta(ge=0)]
 Port = Annotated[int, Meta(ge=0, le=65535)]
 
 
@@ -39,6 +40,9 @@ class ServerConfig(_Section):
     shutdown_grace_s: PositiveFloat = 30.0
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_file: str = ""  # "" = stderr; reopened on SIGUSR1 (log rotation)
+    slow_query_ms: NonNegFloat = 1000.0  # queries at least this long are logged; 0 logs every one
+    rate_limit_per_s: NonNegFloat = 0.0  # requests a second per token (or client address); 0 = off
+    rate_limit_burst: PositiveInt = 20  # how many requests a client may make at once
 
 
 class WorkersConfig(_Section):
@@ -102,7 +106,8 @@ class QueryCacheConfig(_Section):
 
 
 class AuthConfig(_Section):
-    enabled: bool = False
+    enabled: bool = False  # every route but health needs a token (engine/tokens.py)
+    tokens_file: str = "tokens.json"  # hashes only; relative to engine.toml; re-read when it changes
 
 
 class CatalogConfig(_Section):
@@ -178,8 +183,6 @@ def load(path: str | os.PathLike | None, env: dict[str, str] | None = None,
                           f"{results.chunk_mb} MiB segments for each of {config.worker_count} workers")
     if config.query_cache.enabled:
         raise ConfigError("query_cache.enabled: the result cache is not implemented yet; set it to false")
-    if config.auth.enabled:
-        raise ConfigError("auth.enabled: token authentication is not implemented yet; set it to false")
     return config
 
 
@@ -212,7 +215,8 @@ def _resolve_paths(config: Config, base: Path) -> Config:
     )
     server = msgspec.structs.replace(config.server, unix_socket=resolve(config.server.unix_socket),
                                      runtime_dir=resolve(config.server.runtime_dir))
-    return msgspec.structs.replace(config, catalog=catalog, server=server)
+    auth = msgspec.structs.replace(config.auth, tokens_file=resolve(config.auth.tokens_file))
+    return msgspec.structs.replace(config, catalog=catalog, server=server, auth=auth)
 
 
 def encode(config: Config) -> bytes:

@@ -13,9 +13,11 @@ from enum import StrEnum
 class Kind(StrEnum):
     BAD_REQUEST = "bad_request"      # malformed body, unknown format, missing sql
     SQL_ERROR = "sql_error"          # DuckDB rejected the SQL (parser, binder, conversion)
-    FORBIDDEN = "forbidden"          # not a read, or outside the sandbox
+    UNAUTHORIZED = "unauthorized"    # no token, or not a valid one
+    FORBIDDEN = "forbidden"          # not a read, outside the sandbox, or not for this token
     TOO_LARGE = "too_large"          # body or result over its limit
     OUT_OF_MEMORY = "out_of_memory"  # the query needed more than the worker's memory_limit
+    RATE_LIMITED = "rate_limited"    # this token (or client) is over its request rate
     OVERLOADED = "overloaded"        # no worker within the queue timeout, or the queue is full
     TIMEOUT = "timeout"              # the query ran past its deadline and was interrupted
     WORKER_LOST = "worker_lost"      # the worker died while running the query

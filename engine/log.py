@@ -62,7 +62,10 @@ def reopen(path: str) -> None:
     os.close(fd)
 
 
-def setup(role: str, level: str = "info", log_file: str = "") -> Logger:
+def setup(role: str, level: str = "info", log_file: str = "",
+          libraries: tuple[str, ...] = ()) -> Logger:
+    """JSON lines on stderr (or log_file) for duckfleet's logger, and for the named libraries'
+    loggers (warnings and worse), so that no plain-text line or traceback ends up in the log."""
     reopen(log_file)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_JsonFormatter(role))
@@ -70,6 +73,11 @@ def setup(role: str, level: str = "info", log_file: str = "") -> Logger:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     root.propagate = False
+    for name in libraries:
+        library = logging.getLogger(name)
+        library.handlers[:] = [handler]
+        library.setLevel(max(logging.WARNING, root.level))
+        library.propagate = False
     return Logger(root)
 
 

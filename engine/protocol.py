@@ -16,7 +16,7 @@ from typing import Any
 
 import msgspec
 
-VERSION = 2
+VERSION = 3  # 3: Query.databases, streaming (Grant, Chunk), Bye and Status
 MAGIC = b"DF"
 HEADER = struct.Struct("!2sBxI")
 MAX_FRAME = 64 * 1024 * 1024  # SQL text and parameters; results travel in shared memory
@@ -39,6 +39,8 @@ class Query(msgspec.Struct, tag=True, frozen=True):
 
     A result larger than chunk_bytes is written as a sequence of segments: each full one is
     handed back in a Chunk, and the worker continues in the next segment the gateway Grants.
+    `databases` limits what the query may read to those databases (a token's scope); None
+    means the whole catalog.
     """
     id: int
     sql: str
@@ -49,6 +51,7 @@ class Query(msgspec.Struct, tag=True, frozen=True):
     max_result_bytes: int = 0
     batch_rows: int = 122880
     timeout_s: float = 0.0  # the gateway's deadline, for the worker's heartbeat
+    databases: list[str] | None = None
 
 
 class Grant(msgspec.Struct, tag=True, frozen=True):

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import msgspec
 
-from engine import catalog, config as config_mod, log as log_mod, memory, shm
+from engine import catalog, config as config_mod, log as log_mod, memory, shm, tokens
 from engine.process import BOOT_FAILED
 
 RUNTIME_PREFIX = "duckfleet-"
@@ -85,6 +85,8 @@ class Supervisor:
         """Everything that can fail before a process is spawned."""
         plan = memory.plan(self.cfg)
         self.memory_limit = plan.worker_limit
+        if self.cfg.auth.enabled:
+            check_tokens_file(self.cfg.auth.tokens_file)
         shm.sweep_dead_fleets()
         base = Path(self.cfg.server.runtime_dir or os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir())
         sweep_dead_runtime_dirs(base)
@@ -254,11 +256,13 @@ class Supervisor:
             if child.leaving and child.ready and code in (0, -signal.SIGTERM):
                 log.info("exited", process=child.role, slot=child.slot, child_pid=pid,
                          uptime_s=uptime, planned=child.leaving, **how)
+            elif self.stopping:
+                log.info("exited", process=child.role, slot=child.slot, child_pid=pid,
+                         uptime_s=uptime, **how)
             else:
-                log.info("crashed" if not self.stopping else "exited", process=child.role,
-                         slot=child.slot, child_pid=pid, uptime_s=uptime, **how)
-                if not self.stopping:
-                    self.replace(child, code)
+                log.warning("crashed", process=child.role, slot=child.slot, child_pid=pid,
+                            uptime_s=uptime, **how)
+                self.replace(child, code)
 
     def replace(self, child: Child, code: int) -> None:
         if child.role == "gateway":
@@ -402,12 +406,27 @@ def _signal(pid: int, sig: int) -> None:
         pass
 
 
+def check_tokens_file(path: str) -> None:
+    """With auth on, start only with a token file that parses (an empty one would lock all out)."""
+    try:
+        found = tokens.load(path)
+    except tokens.TokenFileError as exc:
+        raise config_mod.ConfigError(f"auth.tokens_file: {exc}") from None
+    if not found:
+        raise config_mod.ConfigError(f"auth.tokens_file: {path} holds no token; make one with "
+                                     "`python -m engine.tokens create NAME`")
+
+
 def bind_listeners(server: config_mod.ServerConfig) -> list[socket.socket]:
     listeners = [socket.create_server((server.host, server.port), backlog=1024)]
     if server.unix_socket:
         path = Path(server.unix_socket)
         path.unlink(missing_ok=True)
-        listeners.append(socket.create_server(str(path), family=socket.AF_UNIX, backlog=1024))
+        old_umask = os.umask(0o177)  # the socket file is created 0600: only this user connects
+        try:
+            listeners.append(socket.create_server(str(path), family=socket.AF_UNIX, backlog=1024))
+        finally:
+            os.umask(old_umask)
     for listener in listeners:
         listener.set_inheritable(True)
     return listeners

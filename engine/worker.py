@@ -1,10 +1,15 @@
 """A worker: one process, one DuckDB connection (threads=1), one query at a time.
 
 Started by the supervisor with exec (`python -m engine.worker`). At boot it opens DuckDB with
-its memory_limit and temp_directory, loads the catalog, reads every setting back and refuses
-to serve (exit code BOOT_FAILED) if one differs. Then it connects to the gateway's worker
-socket, says Hello, and serves Query messages in its main thread. A reader thread takes
-messages off the socket so that a Cancel can interrupt the running query.
+its memory_limit and temp_directory, loads the catalog, locks it into the sandbox
+(engine/sandbox.py), reads every setting back and refuses to serve (exit code BOOT_FAILED) if
+one differs. Then it connects to the gateway's worker socket, says Hello, and serves Query
+messages in its main thread. A reader thread takes messages off the socket so that a Cancel
+can interrupt the running query.
+
+A query from a token limited to some databases runs in a DuckDB instance of its own that holds
+only those databases and whose sandbox admits only their directories (`Instances`): what the
+token may read is decided by DuckDB's catalog and file system checks, not by reading the SQL.
 
 A result is encoded straight into the segment the gateway lent with the query; the worker
 replies with its length and keeps nothing. Failures are replied as typed Failure messages;
@@ -28,7 +33,7 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
-from engine import catalog, config as config_mod, log as log_mod, policy, protocol
+from engine import catalog, config as config_mod, log as log_mod, policy, protocol, sandbox
 from engine.encode import FORMATS, write_result
 from engine.errors import Kind, QueryError
 from engine.process import BOOT_FAILED, die_with_parent, malloc_trim
@@ -37,19 +42,97 @@ from engine.shm import ChunkWriter
 log = log_mod.get()
 
 
-def open_database(cfg: config_mod.Config, memory_limit: int, temp_dir: str) -> duckdb.DuckDBPyConnection:
-    """The worker's connection: settings applied, catalog loaded, settings verified."""
+def open_database(cfg: config_mod.Config, memory_limit: int, temp_dir: str,
+                  scope: list[str] | None = None) -> duckdb.DuckDBPyConnection:
+    """A DuckDB instance: settings applied, catalog (or the scope's part) loaded, sandboxed,
+    everything verified by reading it back."""
+    Path(temp_dir).mkdir(mode=0o700, parents=True, exist_ok=True)  # DuckDB makes only the last level
     con = duckdb.connect(":memory:", config={
         "threads": cfg.duckdb.threads,
         "memory_limit": f"{memory_limit}B",
         "temp_directory": temp_dir,
     })
     con.execute("SET TimeZone = 'UTC'")
-    for statement in catalog.boot_statements(cfg.catalog):
+    for statement in catalog.boot_statements(cfg.catalog, scope):
         con.execute(statement)
+    for statement in catalog.view_statements(cfg.catalog):
+        try:
+            con.execute(statement)
+        except duckdb.Error:
+            if scope is None:
+                raise
+            # The view reads a database out of this scope: it does not exist here.
+    directories = [*catalog.directories(cfg.catalog, scope), temp_dir]
+    sandbox.apply(con, directories)
+    attached = [p for name, p in cfg.catalog.databases.items() if scope is None or name in scope]
+    sandbox.verify(con, directories, attached)
     verify_settings(con, {"threads": str(cfg.duckdb.threads), "memory_limit": memory_limit,
                           "temp_directory": temp_dir, "TimeZone": "UTC"})
     return con
+
+
+class Instances:
+    """The worker's DuckDB instances: the whole catalog, and one per scope (a token's databases).
+
+    Scoped instances open on first use and the least recently used is closed beyond MAX_SCOPED:
+    only one query runs at a time, so an idle instance holds little memory. Main thread only.
+    """
+
+    MAX_SCOPED = 4
+
+    def __init__(self, cfg: config_mod.Config, memory_limit: int, temp_root: Path,
+                 full: duckdb.DuckDBPyConnection):
+        self.cfg = cfg
+        self.memory_limit = memory_limit
+        self.temp_root = temp_root
+        self.full = full
+        self._scoped: dict[tuple[str, ...], tuple[duckdb.DuckDBPyConnection, Path]] = {}
+        self._opened = 0
+
+    @classmethod
+    def open(cls, cfg: config_mod.Config, memory_limit: int, temp_root: Path) -> "Instances":
+        return cls(cfg, memory_limit, temp_root,
+                   open_database(cfg, memory_limit, str(temp_root / "all")))
+
+    def get(self, scope: list[str] | None) -> duckdb.DuckDBPyConnection:
+        if scope is None:
+            return self.full
+        key = tuple(sorted(set(scope)))
+        if key in self._scoped:
+            self._scoped[key] = self._scoped.pop(key)  # most recently used goes last
+            return self._scoped[key][0]
+        if len(self._scoped) >= self.MAX_SCOPED:
+            self._close(next(iter(self._scoped)))
+        self._opened += 1
+        temp_dir = self.temp_root / f"scope-{self._opened}"
+        con = open_database(self.cfg, self.memory_limit, str(temp_dir), list(key))
+        self._scoped[key] = (con, temp_dir)
+        log.info("scope_opened", databases=list(key))
+        return con
+
+    def outside_scope(self, sql: str, error: duckdb.Error) -> bool:
+        """Whether a SELECT that failed to bind in a scoped instance gets further against the
+        whole catalog: then it names something the scope leaves out. Binding reads no rows
+        (the relation is never executed); this only chooses 403 over 400."""
+        try:
+            if self.full.extract_statements(sql)[0].type != duckdb.StatementType.SELECT:
+                return False
+            self.full.sql(sql)  # without the parameters: binding them would execute
+        except duckdb.Error as exc:
+            # Compare first lines: DuckDB's "Did you mean" hints differ between catalogs.
+            return str(exc).partition("\n")[0] != str(error).partition("\n")[0]
+        return True
+
+    def close(self) -> None:
+        for key in list(self._scoped):
+            self._close(key)
+        self.full.close()
+        _remove_tree(self.temp_root)
+
+    def _close(self, key) -> None:
+        con, temp_dir = self._scoped.pop(key)
+        con.close()
+        _remove_tree(temp_dir)
 
 
 def read_settings(con: duckdb.DuckDBPyConnection, names) -> dict[str, str]:
@@ -81,18 +164,21 @@ PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 class Worker:
     """The work loop. Main thread: queries, hygiene, heartbeats. Reader thread: the socket."""
 
-    def __init__(self, worker_id: int, cfg: config_mod.Config, con: duckdb.DuckDBPyConnection,
+    def __init__(self, worker_id: int, cfg: config_mod.Config, instances: Instances,
                  sock: socket.socket, reopen, status_fd: int):
         self.worker_id = worker_id
         self.cfg = cfg
-        self.con = con
+        self.instances = instances
         self.sock = sock
-        self._reopen = reopen  # () -> a fresh connection, settings applied and verified
+        self._reopen = reopen  # () -> fresh Instances, settings applied and verified
         self._status_fd = status_fd
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()   # Query, WAKE, or None: stop
         self.grants: queue.SimpleQueue = queue.SimpleQueue()  # segment name, or None: cancelled
-        self._running_id: int | None = None
-        self._lock = threading.Lock()  # guards _running_id against the reader thread
+        # The running query's id and DuckDB connection (None until chosen), and the id of the
+        # query a Cancel interrupted; the lock guards both against the reader thread.
+        self._running: tuple[int, duckdb.DuckDBPyConnection | None] | None = None
+        self._interrupted: int | None = None
+        self._lock = threading.Lock()
         workers = cfg.workers
         jitter = random.randint(0, workers.max_queries_jitter) if workers.max_queries else 0
         self.max_queries = workers.max_queries + jitter  # fixed at spawn, like max_requests_jitter
@@ -130,7 +216,7 @@ class Worker:
                     self.inbox.put(message)
                 elif isinstance(message, protocol.Grant):
                     with self._lock:
-                        if self._running_id == message.id:
+                        if self._running is not None and self._running[0] == message.id:
                             self.grants.put(message.segment)
                 elif isinstance(message, protocol.Cancel):
                     self._cancel(message.id)
@@ -141,8 +227,10 @@ class Worker:
 
     def _cancel(self, query_id: int | None) -> None:
         with self._lock:
-            if self._running_id is not None and query_id in (None, self._running_id):
-                self.con.interrupt()
+            if self._running is not None and query_id in (None, self._running[0]):
+                self._interrupted = self._running[0]
+                if self._running[1] is not None:
+                    self._running[1].interrupt()
                 self.grants.put(None)  # wakes a writer waiting for a segment
 
     # --- the work loop ---
@@ -179,7 +267,7 @@ class Worker:
         self.check_limits(current_rss())
 
     def report_memory(self) -> None:
-        memory = self.con.execute("SELECT coalesce(sum(memory_usage_bytes), 0)::BIGINT "
+        memory = self.instances.full.execute("SELECT coalesce(sum(memory_usage_bytes), 0)::BIGINT "
                                   "FROM duckdb_memory()").fetchone()[0]
         protocol.send(self.sock, protocol.Status(current_rss(), memory, self.queries, self.connections))
 
@@ -202,8 +290,8 @@ class Worker:
 
     def reconnect(self, rss: int) -> None:
         """A fresh DuckDB connection: what the old one cached or fragmented goes with it."""
-        self.con.close()
-        self.con = self._reopen()
+        self.instances.close()
+        self.instances = self._reopen()
         self.connections += 1
         malloc_trim()
         self.rss_at_connect = self.rss_at_trim = current_rss()
@@ -235,20 +323,24 @@ class Worker:
     def run(self, query: protocol.Query) -> protocol.Result | protocol.Failure:
         started = time.perf_counter()
         with self._lock:
-            self._running_id = query.id
+            self._running = (query.id, None)
             while not self.grants.empty():  # grants of an earlier query, reclaimed by the gateway
                 self.grants.get_nowait()
 
         def hand_over(segment: str, length: int) -> None:
             protocol.send(self.sock, protocol.Chunk(query.id, segment, length))
 
+        con = None
         try:
             if query.format not in FORMATS:
                 raise QueryError(Kind.BAD_REQUEST, f"unknown format {query.format!r}")
-            policy.check(self.con, query.sql)
+            con = self.instances.get(query.databases)
+            with self._lock:
+                self._running = (query.id, con)
+            policy.check(con, query.sql)
             with ChunkWriter(query.segment, query.chunk_bytes, query.max_result_bytes,
                              hand_over, self._next_segment) as sink:
-                rel = self.con.sql(query.sql, params=query.params) if query.params else self.con.sql(query.sql)
+                rel = con.sql(query.sql, params=query.params) if query.params else con.sql(query.sql)
                 if rel is None:
                     raise QueryError(Kind.BAD_REQUEST, "the statement returns no result")
                 rows = write_result(rel, query.format, sink, query.batch_rows)
@@ -262,20 +354,30 @@ class Worker:
         except duckdb.OutOfMemoryException as exc:
             return protocol.Failure(query.id, Kind.OUT_OF_MEMORY,
                                     f"{exc} (this worker's memory_limit is "
-                                    f"{read_settings(self.con, ['memory_limit'])['memory_limit']})")
+                                    f"{read_settings(con, ['memory_limit'])['memory_limit']})")
         except duckdb.PermissionException as exc:
             return protocol.Failure(query.id, Kind.FORBIDDEN, str(exc))
+        except (duckdb.CatalogException, duckdb.BinderException) as exc:
+            if query.databases is not None and self.instances.outside_scope(query.sql, exc):
+                return protocol.Failure(query.id, Kind.FORBIDDEN,
+                                        f"this token may read only the databases "
+                                        f"{', '.join(query.databases)}: {exc}")
+            return protocol.Failure(query.id, Kind.SQL_ERROR, str(exc))
         except duckdb.Error as exc:
             return protocol.Failure(query.id, Kind.SQL_ERROR, str(exc))
         except pa.ArrowNotImplementedError as exc:
             return protocol.Failure(query.id, Kind.BAD_REQUEST,
                                     f"format {query.format!r} cannot encode this result: {exc}")
         except Exception as exc:  # a bug here must not take the worker down with it
+            if self._interrupted == query.id:
+                # DuckDB's interrupt can surface through pyarrow's batch reader as an OSError.
+                return protocol.Failure(query.id, Kind.TIMEOUT,
+                                        "query interrupted: it ran past its deadline")
             log.error("query_failed", exc_info=True, query_id=query.id)
             return protocol.Failure(query.id, Kind.INTERNAL, f"internal error: {type(exc).__name__}")
         finally:
             with self._lock:
-                self._running_id = None
+                self._running = None
 
 
 def connect_gateway(path: str, timeout: float, give_up=lambda: False) -> socket.socket:
@@ -301,6 +403,7 @@ def main(argv=None) -> int:
     parser.add_argument("--status-fd", type=int, required=True)
     args = parser.parse_args(argv)
     die_with_parent(args.supervisor_pid)
+    os.umask(0o077)  # DuckDB's temp files and directories are this user's alone
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when workers stop
     runtime = Path(args.runtime_dir)
     cfg = config_mod.decode((runtime / "config.json").read_bytes())
@@ -308,19 +411,22 @@ def main(argv=None) -> int:
     log = log_mod.setup(f"worker-{args.id}", cfg.server.log_level, cfg.server.log_file)
     signal.signal(signal.SIGUSR1, lambda *_: log_mod.reopen(cfg.server.log_file))
 
-    temp_dir = runtime / f"tmp-worker-{args.id}-{os.getpid()}"
-    reopen = lambda: open_database(cfg, args.memory_limit, str(temp_dir))  # noqa: E731
+    # Resolved: DuckDB compares real paths with allowed_directories.
+    temp_root = runtime.resolve() / f"tmp-worker-{args.id}-{os.getpid()}"
+    reopen = lambda: Instances.open(cfg, args.memory_limit, temp_root)  # noqa: E731
     try:
-        con = reopen()
-        settings = read_settings(con, ["threads", "memory_limit", "temp_directory", "TimeZone"])
+        instances = reopen()
+        settings = {**read_settings(instances.full, ["threads", "memory_limit", "temp_directory",
+                                                     "TimeZone"]),
+                    **sandbox.read(instances.full)}
         sock = connect_gateway(str(runtime / "workers.sock"), cfg.workers.boot_timeout_s)
     except Exception as exc:
         log.error("worker_boot_failed", worker=args.id, error=str(exc))
         return BOOT_FAILED
     malloc_trim()
-    worker = Worker(args.id, cfg, con, sock, reopen, args.status_fd)
+    worker = Worker(args.id, cfg, instances, sock, reopen, args.status_fd)
     signal.signal(signal.SIGTERM, lambda *_: worker.leave())
-    log.info("worker_ready", worker=args.id, **settings)
+    log.info("ready", process="worker", slot=args.id, **settings)
     while True:
         protocol.send(worker.sock, protocol.Hello(args.id, os.getpid(), args.memory_limit, settings))
         threading.Thread(target=worker.read_loop, name="socket-reader", daemon=True).start()
@@ -335,8 +441,7 @@ def main(argv=None) -> int:
                                           give_up=lambda: worker.leaving)
         except OSError:
             break
-    worker.con.close()
-    _remove_tree(temp_dir)
+    worker.instances.close()
     return 0
 
 

@@ -11,36 +11,50 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import signal
 import socket
 import sys
 from pathlib import Path
 
+import prometheus_client
 import uvloop
 from aiohttp import web
 
 from engine import config as config_mod, log as log_mod, shm
 from engine.process import die_with_parent
-from gateway import handlers
+from gateway import access, auth, handlers, ratelimit
 from gateway.fleet import Fleet
+from gateway.metrics import Metrics
 
 
-def make_app(fleet: Fleet, cfg: config_mod.Config) -> web.Application:
-    app = web.Application(client_max_size=cfg.server.max_body_kb * 1024,
-                          middlewares=[handlers.errors_middleware])
+def make_app(fleet: Fleet, cfg: config_mod.Config, shm_prefix: str | None = None) -> web.Application:
+    """Middlewares, outermost first: observe (request id, access log, metrics), errors (JSON
+    errors), auth (when enabled), rate limit (when enabled); then the handler."""
+    middlewares = [access.observe, handlers.errors_middleware]
+    if cfg.auth.enabled:
+        middlewares.append(auth.middleware(auth.TokenStore(cfg.auth.tokens_file)))
+    if cfg.server.rate_limit_per_s > 0:
+        middlewares.append(ratelimit.middleware(
+            ratelimit.TokenBuckets(cfg.server.rate_limit_per_s, cfg.server.rate_limit_burst)))
+    app = web.Application(client_max_size=cfg.server.max_body_kb * 1024, middlewares=middlewares)
     app[handlers.FLEET] = fleet
     app[handlers.CONFIG] = cfg
+    app[access.METRICS] = Metrics(fleet.stats, shm_prefix)
+    app[access.SLOW_QUERY_MS] = cfg.server.slow_query_ms
+    app.on_response_prepare.append(access.add_request_id)
     app.add_routes(handlers.routes())
     return app
 
 
 async def serve(runtime: Path, supervisor_pid: int, listen_fds: list[int]) -> None:
     cfg = config_mod.decode((runtime / "config.json").read_bytes())
-    log = log_mod.setup("gateway", cfg.server.log_level)
+    log = log_mod.setup("gateway", cfg.server.log_level, cfg.server.log_file, libraries=("aiohttp",))
+    logging.getLogger("aiohttp.server").addFilter(access.BadHttpFilter())
+    shm_prefix = shm.owner_prefix(supervisor_pid, os.getpid())
     results, queue = cfg.results, cfg.queue
-    segments = shm.SegmentPool(shm.owner_prefix(supervisor_pid, os.getpid()),
-                               results.chunk_mb * 2**20, results.shm_budget_mb * 2**20,
+    segments = shm.SegmentPool(shm_prefix, results.chunk_mb * 2**20, results.shm_budget_mb * 2**20,
                                results.shm_idle_mb * 2**20)
     segments.prealloc(results.shm_prealloc_mb * 2**20)
     fleet = Fleet(segments, max_queue=queue.max_queue_size, queue_timeout=queue.queue_timeout_s,
@@ -56,7 +70,7 @@ async def serve(runtime: Path, supervisor_pid: int, listen_fds: list[int]) -> No
         os.umask(old_umask)
 
     # handler_cancellation: a client that disconnects cancels its request, wherever it is.
-    runner = web.AppRunner(make_app(fleet, cfg), handle_signals=False, access_log=None,
+    runner = web.AppRunner(make_app(fleet, cfg, shm_prefix), handle_signals=False, access_log=None,
                            shutdown_timeout=cfg.server.shutdown_grace_s, handler_cancellation=True)
     await runner.setup()
     for fd in listen_fds:
@@ -66,7 +80,7 @@ async def serve(runtime: Path, supervisor_pid: int, listen_fds: list[int]) -> No
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, lambda: None)  # the supervisor decides
-    log.info("gateway_ready", listen_fds=listen_fds)
+    log.info("ready", process="gateway", listen_fds=listen_fds, auth=cfg.auth.enabled)
     await stop.wait()
     log.info("gateway_stopping")
     await runner.cleanup()  # stops listening, waits for in-flight requests
@@ -83,6 +97,8 @@ def main(argv=None) -> int:
     parser.add_argument("--listen-fd", type=int, action="append", default=[])
     args = parser.parse_args(argv)
     die_with_parent(args.supervisor_pid, signal.SIGTERM)
+    os.umask(0o077)  # nothing the gateway creates is for other users
+    prometheus_client.disable_created_metrics()  # no *_created series: they only add noise
     uvloop.run(serve(Path(args.runtime_dir), args.supervisor_pid, args.listen_fd))
     return 0
 

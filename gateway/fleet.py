@@ -87,6 +87,8 @@ class Job:
         self.finished = False                # the worker has sent its final reply, or died
         self.closed = False                  # the caller is done with this job
         self.timed_out = False
+        self.result: protocol.Result | None = None  # the final reply, once it came
+        self.send_ms = 0.0  # time the caller spent sending, for the access log
         self._granting = False
         self._timer = asyncio.get_running_loop().call_later(timeout, self._expire)
 
@@ -133,6 +135,7 @@ class Job:
     def on_final(self, message: protocol.Result | protocol.Failure) -> None:
         self._finish()
         if isinstance(message, protocol.Result):
+            self.result = message
             segment = self.lent.pop(message.segment)
             self._reclaim()
             if self.closed:
@@ -360,8 +363,11 @@ class Fleet:
             raise
 
     async def submit(self, sql: str, fmt: str, params: list | None, timeout_s: float | None,
-                     priority: str) -> Job:
-        """Admit, take a worker and a segment, send the query; the caller reads the Job."""
+                     priority: str, databases: list[str] | None = None) -> Job:
+        """Admit, take a worker and a segment, send the query; the caller reads the Job.
+
+        `databases`: the token's scope, enforced by the worker (None: the whole catalog).
+        """
         started = time.perf_counter()
         link = await self._acquire(priority)
         try:
@@ -374,7 +380,8 @@ class Fleet:
         job = Job(self, link, next(self._ids), timeout, wait_ms)
         link.job = job
         job.start(protocol.Query(job.id, sql, fmt, segment.name, self.segments.chunk_bytes,
-                                 params, self.max_result_bytes, self.batch_rows, timeout), segment)
+                                 params, self.max_result_bytes, self.batch_rows, timeout,
+                                 databases), segment)
         return job
 
     def stats(self) -> dict:

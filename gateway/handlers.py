@@ -1,5 +1,7 @@
 """HTTP routes. Each handler parses, asks the fleet, and renders; errors become JSON in
-`errors_middleware`, which with render.STATUS is the only place a status code is chosen."""
+`errors_middleware`, which with render.STATUS is the only place a status code is chosen.
+Query handlers note what they learn (format, rows, times) in the request's RequestFacts for
+the access log and the metrics (gateway/access.py)."""
 
 from __future__ import annotations
 
@@ -11,8 +13,10 @@ from aiohttp import web
 from engine import log as log_mod
 from engine.config import Config
 from engine.errors import Kind, QueryError
-from gateway import render
+from gateway import openapi, render
+from gateway.access import FACTS, METRICS
 from gateway.fleet import Fleet
+from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 
 FLEET = web.AppKey("fleet", Fleet)
 CONFIG = web.AppKey("config", Config)
@@ -35,18 +39,26 @@ async def errors_middleware(request: web.Request, handler):
     try:
         return await handler(request)
     except QueryError as exc:
-        return render.error_response(exc.kind, exc.message)
+        return _error(request, exc.kind, exc.message)
     except web.HTTPRequestEntityTooLarge as exc:
-        return render.error_response(Kind.TOO_LARGE, f"request body is over the limit "
-                                     f"({exc.text or 'server.max_body_kb'})")
+        return _error(request, Kind.TOO_LARGE, f"request body is over the limit "
+                                               f"({exc.text or 'server.max_body_kb'})")
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         kind = Kind.BAD_REQUEST if exc.status < 500 else Kind.INTERNAL
-        return render.error_response(kind, exc.reason, status=exc.status)
+        response = _error(request, kind, exc.reason, status=exc.status)
+        if "Allow" in exc.headers:  # 405 says which methods the route has
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
     except Exception:
         log.error("handler_failed", exc_info=True, path=request.path)
-        return render.error_response(Kind.INTERNAL, "internal error")
+        return _error(request, Kind.INTERNAL, "internal error")
+
+
+def _error(request: web.Request, kind: Kind, message: str, status: int | None = None) -> web.Response:
+    request[FACTS].error_type = str(kind)
+    return render.error_response(kind, message, status)
 
 
 async def parse_query(request: web.Request) -> QueryRequest:
@@ -57,23 +69,41 @@ async def parse_query(request: web.Request) -> QueryRequest:
         raise QueryError(Kind.BAD_REQUEST, f"invalid request: {exc}") from None
     except msgspec.DecodeError as exc:
         raise QueryError(Kind.BAD_REQUEST, f"request body is not valid JSON: {exc}") from None
+    except UnicodeDecodeError:
+        raise QueryError(Kind.BAD_REQUEST, "request body is not valid UTF-8") from None
+    except RecursionError:  # params nested thousands deep
+        raise QueryError(Kind.BAD_REQUEST, "request body is nested too deeply") from None
     if not query.sql.strip():
         raise QueryError(Kind.BAD_REQUEST, "sql is empty")
     if "\x00" in query.sql:
         raise QueryError(Kind.BAD_REQUEST, "sql contains a NUL byte")
+    if query.params:
+        try:  # they travel to the worker as msgpack, whose integers are 64-bit
+            msgspec.msgpack.encode(query.params)
+        except (OverflowError, msgspec.EncodeError) as exc:
+            raise QueryError(Kind.BAD_REQUEST, f"params cannot be passed to DuckDB: {exc}") from None
     return query
 
 
 async def run_query(request: web.Request, fmt: str | None, priority: str) -> web.StreamResponse:
+    facts = request[FACTS]
+    facts.format = fmt or "json"  # the route's default, so a body that does not parse counts too
     query = await parse_query(request)
-    fmt = fmt or query.format
+    fmt = facts.format = fmt or query.format
+    facts.sql = query.sql
     timeout = query.timeout_ms / 1000 if query.timeout_ms else None
+    databases = facts.token.databases if facts.token else None
     fleet = request.app[FLEET]
     for attempt in (1, 2):
-        job = await fleet.submit(query.sql, fmt, query.params, timeout, query.priority or priority)
+        job = await fleet.submit(query.sql, fmt, query.params, timeout, query.priority or priority,
+                                 databases)
         try:
-            return await render.send_result(request, job, fmt,
-                                            request.app[CONFIG].results.send_timeout_s)
+            response = await render.send_result(request, job, fmt,
+                                                request.app[CONFIG].results.send_timeout_s)
+            if job.result is not None:  # timings of answered queries only
+                facts.rows, facts.execution_ms = job.result.rows, job.result.execution_ms
+                facts.wait_ms, facts.send_ms = job.wait_ms, job.send_ms
+            return response
         except QueryError as exc:
             # Every query is a read: one that lost its worker before a byte was sent runs
             # once more elsewhere (send_result aborts the stream itself after the first byte).
@@ -114,6 +144,19 @@ async def stats(request: web.Request) -> web.Response:
     return web.json_response(request.app[FLEET].stats())
 
 
+async def metrics_text(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[METRICS].text(),
+                        headers={"Content-Type": METRICS_CONTENT_TYPE})
+
+
+async def metrics_json(request: web.Request) -> web.Response:
+    return web.json_response(request.app[METRICS].as_json())
+
+
+async def openapi_json(request: web.Request) -> web.Response:
+    return web.json_response(openapi.document(QueryRequest, request.app[CONFIG].auth.enabled))
+
+
 def routes() -> list[web.RouteDef]:
     return [
         web.post("/api/v1/query", query),
@@ -123,4 +166,7 @@ def routes() -> list[web.RouteDef]:
         web.get("/health/ready", ready),
         web.get("/ready", ready),
         web.get("/api/v1/stats/connections", stats),
+        web.get("/api/v1/metrics", metrics_json),
+        web.get("/metrics", metrics_text),
+        web.get("/api/v1/openapi.json", openapi_json),
     ]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import time
 
 import msgspec
 from aiohttp import web
@@ -36,8 +37,10 @@ STATUS = {
     Kind.BAD_REQUEST: 400,
     Kind.SQL_ERROR: 400,
     Kind.OUT_OF_MEMORY: 400,
+    Kind.UNAUTHORIZED: 401,
     Kind.FORBIDDEN: 403,
     Kind.TOO_LARGE: 413,
+    Kind.RATE_LIMITED: 429,
     Kind.OVERLOADED: 503,
     Kind.WORKER_LOST: 503,
     Kind.TIMEOUT: 504,
@@ -62,6 +65,15 @@ def json_tail(execution_ms: float, wait_ms: float) -> bytes:
 
 async def send_result(request: web.Request, job: Job, fmt: str, send_timeout: float) -> web.StreamResponse:
     segment, length, result = await job.next()
+    started = time.perf_counter()
+    try:
+        return await _send(request, job, fmt, send_timeout, segment, length, result)
+    finally:
+        job.send_ms = (time.perf_counter() - started) * 1000
+
+
+async def _send(request, job: Job, fmt: str, send_timeout: float, segment: Segment, length: int,
+                result) -> web.StreamResponse:
     headers = {"Content-Type": MEDIA_TYPES[fmt], "X-Wait-Time-Ms": f"{job.wait_ms:.3f}"}
     if result is not None:
         return await _send_whole(request, job, fmt, segment, length, result, headers, send_timeout)

@@ -95,7 +95,7 @@ class Server:
         def ready():
             self._exited()
             try:
-                return self.get("/api/v1/stats/connections").json()["worker_count"] >= want
+                return self.get("/health").json()["workers_ready"] >= want  # open with auth on too
             except OSError:
                 return False
         wait_for(ready, timeout, what=f"{want} workers ready")
@@ -201,3 +201,17 @@ def http_post(sql_body: dict) -> bytes:
     body = json.dumps(sql_body).encode()
     return (b"POST /api/v1/query HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
             + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+
+
+def write_small_dataset(data_dir: Path, databases=("default", "other")) -> Path:
+    """A tiny Arc layout: <db>/cpu/2025/11/01/00/cpu.parquet with 10 rows naming their database."""
+    import duckdb
+
+    con = duckdb.connect()
+    for db in databases:
+        folder = data_dir / db / "cpu" / "2025" / "11" / "01" / "00"
+        folder.mkdir(parents=True, exist_ok=True)
+        con.execute(f"COPY (SELECT '{db}' AS db, i FROM range(10) t(i)) "
+                    f"TO '{folder / 'cpu.parquet'}' (FORMAT parquet)")
+    con.close()
+    return data_dir

@@ -52,6 +52,10 @@ def test_config_round_trips_to_children(tmp_path):
     ("[server]\nprot = 8000\n", "prot"),
     ("[nonsense]\na = 1\n", "nonsense"),
     ("[query_cache]\nenabled = true\n", "query_cache.enabled"),
+    ("[server]\nrate_limit_per_s = -1\n", "server.rate_limit_per_s"),
+    ("[server]\nrate_limit_burst = 0\n", "server.rate_limit_burst"),
+    ("[server]\nslow_query_ms = -5\n", "server.slow_query_ms"),
+    ("[auth]\nenabled = 'maybe'\n", "auth.enabled"),
 ])
 def test_bad_values_name_the_key(tmp_path, text, key):
     with pytest.raises(ConfigError) as err:
@@ -78,3 +82,8 @@ def test_supervisor_refuses_bad_config_before_spawning(tmp_path):
     assert proc.returncode == 2
     assert "server.port" in proc.stderr and "cannot_start" in proc.stderr
     assert "spawned" not in proc.stderr
+
+
+def test_tokens_file_is_relative_to_the_config_file(tmp_path):
+    cfg = config.load(write(tmp_path, "[auth]\nenabled = true\ntokens_file = 'secret/t.json'\n"), env={})
+    assert cfg.auth.enabled and cfg.auth.tokens_file == str(tmp_path / "secret" / "t.json")

@@ -215,6 +215,8 @@ def test_ttin_ttou_scale(make_server):
     srv.send_signal(signal.SIGTTIN)
     srv.wait_ready(3)
     srv.send_signal(signal.SIGTTOU)
+    # Unix does not queue a signal that is already pending: wait before sending the next.
+    wait_for(lambda: len(srv.events("workers")) == 2, 30, what="the first scale-down")
     srv.send_signal(signal.SIGTTOU)
     wait_for(lambda: srv.stats()["worker_count"] == 1 and len(srv.processes("engine.worker")) == 1,
              30, what="one worker left")

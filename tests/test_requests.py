@@ -55,6 +55,7 @@ def test_missing_empty_and_malformed(server):
     error_of(server.query("SELECT 1", timeout_ms=-5), 400, "bad_request")
     error_of(server.query("SELECT 1", priority="urgent"), 400, "bad_request")
     error_of(server.query("SELECT '\x00'"), 400, "bad_request")
+    error_of(server.query("SELECT $1", params=[-83268221769148481536]), 400, "bad_request")
 
 
 def test_sql_errors_carry_duckdb_message(server):

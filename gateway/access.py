@@ -1,0 +1,127 @@
+"""Per-request facts, request ids, the access log, the slow-query log, request metrics.
+
+`observe` is the outermost middleware, on the gateway's event loop: it gives each request a
+RequestFacts (request[FACTS]) that the inner layers fill in (auth: the token; handlers: format,
+rows, wait, execution and send times; errors_middleware: the error type), and when the request
+ends, however it ends, writes one `access` log line and records it in the metrics. A query at
+least server.slow_query_ms long end to end also gets a `slow_query` line with its SQL.
+
+X-Request-Id: a client's value is kept if it is 1-128 characters of [A-Za-z0-9._:+/=-];
+anything else is replaced by a fresh random id (never refused: it is only a label). The id is
+put on every response, streamed ones included, by `add_request_id` (on_response_prepare).
+
+Requests aiohttp cannot parse never reach a middleware; BadHttpFilter turns aiohttp's report
+of each (an error with a traceback) into one `bad_http_request` warning line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import secrets
+import time
+from dataclasses import dataclass
+
+from aiohttp import http_exceptions, web
+
+from engine import log as log_mod
+from engine.tokens import Token
+from gateway.metrics import Metrics
+
+log = log_mod.get()
+REQUEST_ID = re.compile(r"^[A-Za-z0-9._:+/=\-]{1,128}$")
+SQL_LOGGED = 2000  # characters of SQL in a slow_query line
+CLIENT_CLOSED = 499  # nginx's code for a client that went away before its answer
+
+
+@dataclass
+class RequestFacts:
+    request_id: str
+    started: float
+    token: Token | None = None
+    sql: str | None = None  # set for query routes once the body parsed
+    format: str | None = None
+    rows: int | None = None
+    wait_ms: float | None = None
+    execution_ms: float | None = None
+    send_ms: float | None = None
+    error_type: str | None = None
+
+
+FACTS = web.RequestKey("facts", RequestFacts)
+METRICS = web.AppKey("metrics", Metrics)
+SLOW_QUERY_MS = web.AppKey("slow_query_ms", float)
+
+
+def request_id(request: web.Request) -> str:
+    given = request.headers.get("X-Request-Id", "")
+    return given if REQUEST_ID.match(given) else secrets.token_hex(16)
+
+
+@web.middleware
+async def observe(request: web.Request, handler):
+    facts = RequestFacts(request_id(request), time.perf_counter())
+    request[FACTS] = facts
+    status, sent = 500, 0
+    try:
+        response = await handler(request)
+        status = response.status
+        sent = response.body_length if response.prepared else (response.content_length or 0)
+        return response
+    except web.HTTPException as exc:  # below 400 only: errors_middleware renders the rest
+        status = exc.status
+        raise
+    except asyncio.CancelledError:
+        status = CLIENT_CLOSED
+        raise
+    finally:
+        _record(request, facts, status, sent)
+
+
+async def add_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    facts = request.get(FACTS)
+    if facts is not None:
+        response.headers["X-Request-Id"] = facts.request_id
+
+
+def _record(request: web.Request, facts: RequestFacts, status: int, sent: int) -> None:
+    duration_ms = (time.perf_counter() - facts.started) * 1000
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else "unmatched"
+    metrics = request.app[METRICS]
+    metrics.observe_request(route, status, sent)
+    token = facts.token.name if facts.token else None
+    fields = {"request_id": facts.request_id, "method": request.method, "path": request.path,
+              "status": status, "token": token, "client": request.remote, "bytes": sent,
+              "duration_ms": round(duration_ms, 3)}
+    if facts.error_type:
+        fields["error_type"] = facts.error_type
+    if facts.format is not None:  # a query route
+        metrics.observe_query(status, facts.format, facts.rows, facts.wait_ms,
+                              facts.execution_ms, facts.send_ms)
+        fields.update(format=facts.format, rows=facts.rows, wait_ms=_ms(facts.wait_ms),
+                      execution_ms=_ms(facts.execution_ms), send_ms=_ms(facts.send_ms))
+    log.info("access", **fields)
+    if facts.sql is not None and duration_ms >= request.app[SLOW_QUERY_MS]:
+        log.warning("slow_query", request_id=facts.request_id, token=token, status=status,
+                    duration_ms=round(duration_ms, 3), wait_ms=_ms(facts.wait_ms),
+                    execution_ms=_ms(facts.execution_ms), rows=facts.rows,
+                    threshold_ms=request.app[SLOW_QUERY_MS], sql=facts.sql[:SQL_LOGGED])
+
+
+def _ms(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
+
+
+class BadHttpFilter(logging.Filter):
+    """aiohttp logs each request it cannot parse as an error with a traceback, before any
+    middleware runs. It is the client's mistake: make it one `bad_http_request` warning."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, http_exceptions.HttpProcessingError):
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.msg, record.args, record.exc_info = "bad_http_request", (), None
+            record.fields = {"status": exc.code, "error": str(exc.message).splitlines()[0][:200]}
+        return True

@@ -1,0 +1,197 @@
+"""The OpenAPI 3.1 document served at GET /api/v1/openapi.json.
+
+Pure: `document()` builds it from the request struct (its JSON schema comes from msgspec, so
+the document and the parser cannot drift apart) and from whether auth is on (then every route
+but health lists the three ways to present a token). tests/test_observability.py checks that
+every route the app serves is described, and runs a bounded property-based test
+(schemathesis) against a live server: no 5xx, and every response matches this document.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from engine.encode import MEDIA_TYPES
+from gateway.auth import OPEN_PATHS
+
+REF = "#/components/schemas/{name}"
+_HEADER = {"schema": {"type": "string"}}
+
+
+def _ref(name: str) -> dict:
+    return {"$ref": REF.format(name=name)}
+
+
+def _json(schema: dict, description: str, headers: dict | None = None) -> dict:
+    response = {"description": description, "content": {"application/json": {"schema": schema}}}
+    if headers:
+        response["headers"] = {name: {"description": text, **_HEADER} for name, text in headers.items()}
+    return response
+
+
+def _error(description: str, headers: dict | None = None) -> dict:
+    return _json(_ref("Error"), description, headers)
+
+
+RETRY = {"Retry-After": "seconds to wait before retrying"}
+UNAUTHORIZED = _error("no token, or not a valid one", {"WWW-Authenticate": "Bearer"})
+RATE_LIMITED = _error("over the token's (or client's) request rate", RETRY)
+
+SCHEMAS = {
+    "Error": {
+        "type": "object", "required": ["success", "error", "error_type"],
+        "properties": {
+            "success": {"const": False},
+            "error": {"type": "string"},
+            "error_type": {"enum": ["bad_request", "sql_error", "unauthorized", "forbidden",
+                                    "too_large", "out_of_memory", "rate_limited", "overloaded",
+                                    "timeout", "worker_lost", "internal"]},
+        },
+    },
+    "QueryResult": {
+        "type": "object",
+        "required": ["success", "columns", "data", "row_count", "execution_time_ms",
+                     "wait_time_ms", "timestamp", "error"],
+        "properties": {
+            "success": {"const": True},
+            "columns": {"type": "array", "items": {"type": "string"}},
+            "data": {"type": "array", "items": {"type": "array"}},
+            "row_count": {"type": "integer", "minimum": 0},
+            "execution_time_ms": {"type": "number"},
+            "wait_time_ms": {"type": "number"},
+            "timestamp": {"type": "string"},
+            "error": {"type": "null"},
+        },
+    },
+    "Health": {
+        "type": "object", "required": ["status", "workers_ready"],
+        "properties": {"status": {"enum": ["ok", "starting"]},
+                       "workers_ready": {"type": "integer", "minimum": 0}},
+    },
+    "Live": {"type": "object", "required": ["status"], "properties": {"status": {"const": "alive"}}},
+    "Ready": {
+        "type": "object", "required": ["ready", "workers_ready"],
+        "properties": {"ready": {"type": "boolean"},
+                       "workers_ready": {"type": "integer", "minimum": 0}},
+    },
+    "Stats": {
+        "type": "object",
+        "required": ["worker_count", "busy", "idle", "queued", "served", "recycled", "crashed",
+                     "timeouts", "workers"],
+        "properties": {
+            **{name: {"type": "integer", "minimum": 0} for name in (
+                "worker_count", "busy", "idle", "queued", "served", "recycled", "crashed",
+                "timeouts", "shm_segments_in_use", "shm_segments_idle")},
+            "workers": {"type": "array", "items": {
+                "type": "object", "required": ["id", "pid", "state", "served", "rss_bytes"],
+                "properties": {"id": {"type": "integer"}, "pid": {"type": "integer"},
+                               "state": {"type": "string"},
+                               "served": {"type": "integer", "minimum": 0},
+                               "rss_bytes": {"type": ["integer", "null"]},
+                               "memory_limit": {"type": "integer"}}}},
+        },
+    },
+    "Metrics": {
+        "description": "Every Prometheus sample by name: a number; a list of labelled values; "
+                       "or, for a histogram, its count, sum and cumulative buckets.",
+        "type": "object",
+        "additionalProperties": {"anyOf": [
+            {"type": "number"},
+            {"type": "array", "items": {
+                "type": "object", "required": ["labels", "value"],
+                "properties": {"labels": {"type": "object",
+                                          "additionalProperties": {"type": "string"}},
+                               "value": {"type": "number"}}}},
+            {"type": "object", "required": ["count", "sum", "buckets"],
+             "properties": {"count": {"type": "number"}, "sum": {"type": "number"},
+                            "buckets": {"type": "object",
+                                        "additionalProperties": {"type": "number"}}}},
+        ]},
+    },
+}
+
+
+EXAMPLES = {
+    **{fmt: {"value": {"sql": "SELECT 42 AS answer, 'duck' AS name", "format": fmt}}
+       for fmt in ("json", "csv", "ndjson", "arrow", "parquet")},
+    "params": {"value": {"sql": "SELECT $1::INTEGER + 1 AS n", "params": [41], "timeout_ms": 5000}},
+    "forbidden": {"value": {"sql": "DROP TABLE t"}},
+}
+
+
+def _query_operation(summary: str, formats: list[str]) -> dict:
+    result_headers = {"X-Row-Count": "rows in the result", "X-Execution-Time-Ms": "worker time",
+                      "X-Wait-Time-Ms": "time spent waiting for a worker"}
+    content = {}
+    for fmt in formats:
+        media = MEDIA_TYPES[fmt].split(";")[0]
+        content[media] = {"schema": _ref("QueryResult") if fmt == "json"
+                          else {"type": "string", "format": "binary"}}
+    return {
+        "summary": summary,
+        "requestBody": {"required": True, "content": {"application/json": {
+            "schema": _ref("QueryRequest"), "examples": EXAMPLES}}},
+        "responses": {
+            "200": {"description": "the result", "content": content,
+                    "headers": {n: {"description": t, **_HEADER} for n, t in result_headers.items()}},
+            "400": _error("malformed body, wrong field types, or SQL that DuckDB rejects"),
+            "403": _error("not one read statement, a file outside the sandbox, "
+                          "or a database or route the token may not use"),
+            "413": _error("the body or the result is over its limit"),
+            "503": _error("overloaded (queue full or no worker in time) or the worker died", RETRY),
+            "504": _error("the query ran past its deadline"),
+        },
+    }
+
+
+def _get(summary: str, response: dict) -> dict:
+    return {"summary": summary, "responses": {"200": response}}
+
+
+def document(request_struct: type, auth_enabled: bool) -> dict:
+    _, components = msgspec.json.schema_components([request_struct], ref_template=REF)
+    schemas = {**components, **SCHEMAS}
+    health = _get("liveness and workers connected", _json(_ref("Health"), "health"))
+    ready = {"summary": "ready when a worker is connected",
+             "responses": {"200": _json(_ref("Ready"), "ready"),
+                           "503": _json(_ref("Ready"), "no worker connected yet")}}
+    paths = {
+        "/api/v1/query": {"post": _query_operation("run one read-only SQL statement",
+                                                   ["json", "csv", "ndjson", "arrow", "parquet"])},
+        "/api/v1/query/arrow": {"post": _query_operation("run a query, answer Arrow IPC", ["arrow"])},
+        "/health": {"get": health},
+        "/health/live": {"get": _get("the gateway answers", _json(_ref("Live"), "alive"))},
+        "/health/ready": {"get": ready},
+        "/ready": {"get": ready},
+        "/api/v1/stats/connections": {"get": _get("fleet totals and each worker",
+                                                  _json(_ref("Stats"), "stats"))},
+        "/api/v1/metrics": {"get": _get("the Prometheus metrics as JSON",
+                                        _json(_ref("Metrics"), "metrics"))},
+        "/metrics": {"get": _get("Prometheus text format", {
+            "description": "metrics", "content": {"text/plain": {"schema": {"type": "string"}}}})},
+        "/api/v1/openapi.json": {"get": _get("this document", {
+            "description": "OpenAPI 3.1", "content": {"application/json": {"schema": {"type": "object"}}}})},
+    }
+    doc = {
+        "openapi": "3.1.0",
+        "info": {"title": "duckfleet", "version": "1",
+                 "description": "A read-only SQL query tier over a fleet of DuckDB workers."},
+        "paths": paths,
+        "components": {"schemas": schemas},
+    }
+    if auth_enabled:
+        doc["components"]["securitySchemes"] = {
+            "bearer": {"type": "http", "scheme": "bearer"},
+            "apiKey": {"type": "apiKey", "in": "header", "name": "x-api-key"},
+            "token": {"type": "apiKey", "in": "header", "name": "Authorization",
+                      "description": "`Token <token>`"},
+        }
+    for path, item in paths.items():
+        if path in OPEN_PATHS:
+            continue
+        for operation in item.values():
+            operation["responses"]["429"] = RATE_LIMITED
+            if auth_enabled:
+                operation["security"] = [{"bearer": []}, {"apiKey": []}, {"token": []}]
+                operation["responses"]["401"] = UNAUTHORIZED
+    return doc
