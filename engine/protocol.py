@@ -16,7 +16,7 @@ from typing import Any
 
 import msgspec
 
-VERSION = 3  # 3: Query.databases, streaming (Grant, Chunk), Bye and Status
+VERSION = 3  # 3: Query.databases, streaming (Grant, Chunk), Welcome, Bye and Status
 MAGIC = b"DF"
 HEADER = struct.Struct("!2sBxI")
 MAX_FRAME = 64 * 1024 * 1024  # SQL text and parameters; results travel in shared memory
@@ -32,6 +32,11 @@ class Hello(msgspec.Struct, tag=True, frozen=True):
     pid: int
     memory_limit: int
     settings: dict[str, str]
+
+
+class Welcome(msgspec.Struct, tag=True, frozen=True):
+    """Gateway -> worker, after Hello: the worker is in the dispatch set. Only now may it tell
+    the supervisor it is ready, which lets a worker it replaces leave without a gap."""
 
 
 class Query(msgspec.Struct, tag=True, frozen=True):
@@ -108,7 +113,7 @@ class Failure(msgspec.Struct, tag=True, frozen=True):
     message: str
 
 
-Message = Hello | Query | Grant | Cancel | Chunk | Result | Failure | Bye | Status
+Message = Hello | Welcome | Query | Grant | Cancel | Chunk | Result | Failure | Bye | Status
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)
 

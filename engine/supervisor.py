@@ -217,7 +217,7 @@ class Supervisor:
 
     def on_ready(self, child: Child) -> None:
         child.ready = True
-        log.info("worker_ready", slot=child.slot, child_pid=child.pid)
+        log.info("worker_ready", slot=child.slot, child_pid=child.pid)  # as the supervisor sees it
         old = child.replaces
         child.replaces = None
         if old is not None and old.pid in self.children:

@@ -214,6 +214,8 @@ class Worker:
             while (message := protocol.recv(self.sock)) is not None:
                 if isinstance(message, protocol.Query):
                     self.inbox.put(message)
+                elif isinstance(message, protocol.Welcome):
+                    self.status("ready")  # the gateway dispatches to us from now on
                 elif isinstance(message, protocol.Grant):
                     with self._lock:
                         if self._running is not None and self._running[0] == message.id:
@@ -237,7 +239,6 @@ class Worker:
 
     def serve(self) -> None:
         said_bye = False
-        self.status("ready")
         while True:
             if self.leaving and not said_bye:
                 protocol.send(self.sock, protocol.Bye(self.leaving))

@@ -263,6 +263,7 @@ class Fleet:
         self.links[link.pid] = link
         log.info("worker_joined", worker=link.worker_id, worker_pid=link.pid)
         self._give(link)
+        link.send(protocol.Welcome())
         await self._read_loop(link)
 
     async def _read_loop(self, link: WorkerLink) -> None:
