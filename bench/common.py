@@ -30,6 +30,7 @@ def demo_server(workers: int | None = None, config: str = ""):
             yield server
         finally:
             server.stop()
+            server.runtime_base.rmdir()
 
 
 def percentile(values: list[float], p: float) -> float:

@@ -43,6 +43,7 @@ from engine.process import BOOT_FAILED
 RUNTIME_PREFIX = "duckfleet-"
 STABLE_S = 10.0  # a worker that lived this long resets its slot's crash count
 QUICK_GRACE_S = 1.0
+UNIX_PATH_MAX = 108  # sun_path, including its terminating NUL
 log = log_mod.get()
 
 
@@ -91,6 +92,12 @@ class Supervisor:
         base = Path(self.cfg.server.runtime_dir or os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir())
         sweep_dead_runtime_dirs(base)
         self.runtime = Path(tempfile.mkdtemp(prefix=f"{RUNTIME_PREFIX}{self.pid}-", dir=base))
+        socket_path = str(self.runtime / "workers.sock")
+        if len(socket_path.encode()) >= UNIX_PATH_MAX:
+            shutil.rmtree(self.runtime)
+            raise config_mod.ConfigError(
+                f"server.runtime_dir: {socket_path} is {len(socket_path.encode())} bytes, over the "
+                f"{UNIX_PATH_MAX - 1} a Unix socket path may have; choose a shorter directory")
         self.write_config()
         self.listeners = bind_listeners(self.cfg.server)
         host, port = self.listeners[0].getsockname()[:2]

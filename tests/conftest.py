@@ -39,3 +39,5 @@ def make_server(tmp_path, demo_dir):
         if srv.process is not None:
             srv.stop(signal.SIGTERM)
             assert_no_leaks(srv)
+        elif srv.runtime_base.exists():
+            srv.runtime_base.rmdir()  # never started: its runtime base stayed empty

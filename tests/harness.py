@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -54,8 +55,9 @@ class Server:
     def __init__(self, tmp: Path, data_dir: Path, workers: int = 2, config: str = "",
                  env: dict[str, str] | None = None, args: list[str] | None = None):
         self.tmp = tmp
-        self.runtime_base = tmp / "run"
-        self.runtime_base.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir(parents=True, exist_ok=True)
+        # Short, outside pytest's deep tmp paths: a Unix socket path has at most 107 bytes.
+        self.runtime_base = Path(tempfile.mkdtemp(prefix="dft-"))
         self.log_path = tmp / "supervisor.log"
         self.config_path = tmp / "engine.toml"
         self.config_path.write_text(config)
@@ -187,7 +189,10 @@ def assert_no_leaks(server: Server) -> None:
     alive = [pid for pid in server.descendants if psutil.pid_exists(pid)
              and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
     assert not alive, f"processes left behind: {alive}"
-    assert not list(server.runtime_base.iterdir()), f"runtime files left: {list(server.runtime_base.iterdir())}"
+    if server.runtime_base.exists():  # shared by two servers in one test: checked once
+        left = list(server.runtime_base.iterdir())
+        assert not left, f"runtime files left: {left}"
+        server.runtime_base.rmdir()
     assert not fleet_segments(server.process.pid), f"segments left: {fleet_segments(server.process.pid)}"
 
 

@@ -2,7 +2,7 @@
 
 import duckdb
 
-from tests.harness import Server
+from tests.harness import Server, assert_no_leaks
 
 
 def test_demo_tables(server):
@@ -47,3 +47,4 @@ warehouse = "{db}"
         assert srv.query("INSERT INTO warehouse.sites VALUES ('x', 'y')").status == 403
     finally:
         assert srv.stop() == 0
+        assert_no_leaks(srv)

@@ -165,6 +165,7 @@ def test_supervisor_sigkill_takes_children_along(make_server):
     stale = list(srv.runtime_base.iterdir())
     assert stale
     again = make_server()
+    again.runtime_base.rmdir()
     again.runtime_base = srv.runtime_base
     again.env["DUCKFLEET_SERVER_RUNTIME_DIR"] = str(srv.runtime_base)
     again.start()
