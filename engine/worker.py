@@ -337,6 +337,8 @@ class Worker:
                 raise QueryError(Kind.BAD_REQUEST, f"unknown format {query.format!r}")
             con = self.instances.get(query.databases)
             with self._lock:
+                if self._interrupted == query.id:  # cancelled before DuckDB could be told
+                    raise QueryError(Kind.TIMEOUT, "query cancelled")
                 self._running = (query.id, con)
             policy.check(con, query.sql)
             with ChunkWriter(query.segment, query.chunk_bytes, query.max_result_bytes,

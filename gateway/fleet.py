@@ -36,6 +36,7 @@ from engine.shm import Segment, SegmentPool
 log = log_mod.get()
 
 PRIORITY_RANK = {"high": 0, "normal": 1, "low": 2}
+CANCEL_REPEAT_S = 0.5
 
 
 class WorkerLink:
@@ -119,7 +120,14 @@ class Job:
             if isinstance(item, tuple):
                 self.fleet.segments.release(item[0])
         if not self.finished:
+            self._cancel()
+
+    def _cancel(self) -> None:
+        """Cancel, again every CANCEL_REPEAT_S until the worker answers: DuckDB forgets an
+        interrupt that lands between two of its calls (while binding, before executing)."""
+        if not self.finished:
             self.link.send(protocol.Cancel(self.id))
+            asyncio.get_running_loop().call_later(CANCEL_REPEAT_S, self._cancel)
 
     # --- the worker's side (called by the link's reader) ---
 
@@ -173,7 +181,7 @@ class Job:
             return
         self.timed_out = True
         self.fleet.timeouts += 1
-        self.link.send(protocol.Cancel(self.id))
+        self._cancel()
         self._timer = asyncio.get_running_loop().call_later(self.fleet.cancel_grace, self._give_up)
 
     def _give_up(self) -> None:
