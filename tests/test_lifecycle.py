@@ -108,9 +108,8 @@ def test_graceful_stop_finishes_in_flight_query(make_server):
     assert srv.event("stopped")["exit_code"] == 0
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGQUIT])
-def test_quick_stop(make_server, sig):
-    srv = make_server().start()
+def endless_query_running(srv):
+    """A query that would run for half an hour, started in a thread: (thread, outcome)."""
     result = {}
 
     def run():
@@ -121,6 +120,13 @@ def test_quick_stop(make_server, sig):
     t = threading.Thread(target=run)
     t.start()
     wait_for(lambda: srv.stats()["busy"] == 1, 10, what="the query to start")
+    return t, result
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGQUIT])
+def test_quick_stop(make_server, sig):
+    srv = make_server().start()
+    t, result = endless_query_running(srv)
     assert srv.stop(sig, timeout=30) == 0
     t.join(30)
     assert "error" in result or result["resp"].status >= 500
@@ -130,16 +136,7 @@ def test_quick_stop(make_server, sig):
 
 def test_grace_period_then_kill(make_server):
     srv = make_server(config="[server]\nshutdown_grace_s = 1\n").start()
-    result = {}
-
-    def run():
-        try:
-            result["resp"] = srv.query(ENDLESS_SQL, timeout=60)
-        except OSError as exc:
-            result["error"] = exc
-    t = threading.Thread(target=run)
-    t.start()
-    wait_for(lambda: srv.stats()["busy"] == 1, 10, what="the query to start")
+    t, result = endless_query_running(srv)
     started = time.monotonic()
     assert srv.stop(signal.SIGTERM, timeout=30) == 0
     print(f"stopped {time.monotonic() - started:.2f} s after SIGTERM with a 1 s grace period")
