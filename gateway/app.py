@@ -29,7 +29,7 @@ from gateway.fleet import Fleet
 from gateway.metrics import Metrics
 
 
-def make_app(fleet: Fleet, cfg: config_mod.Config, shm_prefix: str | None = None) -> web.Application:
+def make_app(fleet: Fleet, cfg: config_mod.Config) -> web.Application:
     """Middlewares, outermost first: observe (request id, access log, metrics), errors (JSON
     errors), auth (when enabled), rate limit (when enabled); then the handler."""
     middlewares = [access.observe, handlers.errors_middleware]
@@ -41,7 +41,7 @@ def make_app(fleet: Fleet, cfg: config_mod.Config, shm_prefix: str | None = None
     app = web.Application(client_max_size=cfg.server.max_body_kb * 1024, middlewares=middlewares)
     app[handlers.FLEET] = fleet
     app[handlers.CONFIG] = cfg
-    app[access.METRICS] = Metrics(fleet.stats, shm_prefix)
+    app[access.METRICS] = Metrics(fleet.stats)
     app[access.SLOW_QUERY_MS] = cfg.server.slow_query_ms
     app.on_response_prepare.append(access.add_request_id)
     app.add_routes(handlers.routes())
@@ -70,7 +70,7 @@ async def serve(runtime: Path, supervisor_pid: int, listen_fds: list[int]) -> No
         os.umask(old_umask)
 
     # handler_cancellation: a client that disconnects cancels its request, wherever it is.
-    runner = web.AppRunner(make_app(fleet, cfg, shm_prefix), handle_signals=False, access_log=None,
+    runner = web.AppRunner(make_app(fleet, cfg), handle_signals=False, access_log=None,
                            shutdown_timeout=cfg.server.shutdown_grace_s, handler_cancellation=True)
     await runner.setup()
     for fd in listen_fds:

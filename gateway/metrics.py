@@ -7,7 +7,7 @@ kinds of facts go in:
     bytes and rows sent;
   - the fleet's own counters and gauges, read from Fleet.stats() at scrape time by
     FleetCollector (so /metrics, /api/v1/metrics and /api/v1/stats/connections report the
-    same numbers), plus the shared memory the gateway's segments hold, from /dev/shm.
+    same numbers), plus the shared memory the gateway's segments hold (from the pool's counts).
 `as_json` renders the same registry as JSON, so the two formats cannot disagree.
 
 duckfleet_worker_recycles_total is exported for every reason in RECYCLE_REASONS, at 0 until
@@ -22,7 +22,6 @@ from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, 
                                generate_latest)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from engine.shm import SHM_DIR
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 RECYCLE_REASONS = ("max_queries", "max_rss", "max_age", "replaced")  # as Fleet.stats() reports them
@@ -31,7 +30,7 @@ _LONG = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60,
 
 
 class Metrics:
-    def __init__(self, fleet_stats: Callable[[], dict], shm_prefix: str | None = None):
+    def __init__(self, fleet_stats: Callable[[], dict]):
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("duckfleet_http_requests", "HTTP requests by route and status",
@@ -50,7 +49,7 @@ class Metrics:
                                   registry=r)
         self.rows = Counter("duckfleet_result_rows", "Rows returned by successful queries",
                             registry=r)
-        r.register(FleetCollector(fleet_stats, shm_prefix))
+        r.register(FleetCollector(fleet_stats))
 
     def observe_request(self, route: str, status: int, sent: int) -> None:
         self.requests.labels(route, str(status)).inc()
@@ -98,9 +97,8 @@ class Metrics:
 class FleetCollector:
     """Reads Fleet.stats() (and the gateway's segment sizes) each time the registry is scraped."""
 
-    def __init__(self, fleet_stats: Callable[[], dict], shm_prefix: str | None):
+    def __init__(self, fleet_stats: Callable[[], dict]):
         self._stats = fleet_stats
-        self._shm_prefix = shm_prefix
 
     def describe(self):
         return []  # unchecked collector: families depend on stats() at scrape time
@@ -133,10 +131,12 @@ class FleetCollector:
         segments.add_metric(["in_use"], stats.get("shm_segments_in_use", 0))
         segments.add_metric(["idle"], stats.get("shm_segments_idle", 0))
         yield segments
-        if self._shm_prefix is not None:
-            yield GaugeMetricFamily("duckfleet_shm_bytes",
-                                    "Bytes of shared memory the gateway's segments hold",
-                                    value=_segment_bytes(self._shm_prefix))
+        # Segments are fixed-size with their pages allocated, so the pool's counts give the bytes.
+        yield GaugeMetricFamily("duckfleet_shm_bytes",
+                                "Bytes of shared memory the gateway's segments hold",
+                                value=(stats.get("shm_segments_in_use", 0)
+                                       + stats.get("shm_segments_idle", 0))
+                                * stats.get("shm_segment_bytes", 0))
         rss = GaugeMetricFamily("duckfleet_worker_rss_bytes", "Resident memory of each worker",
                                 labels=["worker", "pid"])
         limit = GaugeMetricFamily("duckfleet_worker_memory_limit_bytes",
@@ -148,13 +148,3 @@ class FleetCollector:
             limit.add_metric(labels, w.get("memory_limit", 0))
         yield rss
         yield limit
-
-
-def _segment_bytes(prefix: str) -> int:
-    total = 0
-    for path in SHM_DIR.glob(prefix + "*"):
-        try:
-            total += path.stat().st_size
-        except FileNotFoundError:  # unlinked since the listing
-            pass
-    return total
