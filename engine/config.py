@@ -101,8 +101,10 @@ class ResultsConfig(_Section):
 class QueryCacheConfig(_Section):
     enabled: bool = False
     ttl_seconds: PositiveFloat = 60.0
-    max_size: PositiveInt = 100
-    max_result_mb: PositiveInt = 10
+    max_size: PositiveInt = 100  # entries
+    max_result_mb: PositiveInt = 10  # a larger result is not cached
+    max_total_mb: PositiveInt = 256  # all entries; least recently used go first
+    volatile_ttl_seconds: NonNegFloat = 0.0  # now(), random()...: 0 = never cached
 
 
 class AuthConfig(_Section):
@@ -181,8 +183,6 @@ def load(path: str | os.PathLike | None, env: dict[str, str] | None = None,
     if results.shm_budget_mb < 2 * results.chunk_mb * config.worker_count:
         raise ConfigError(f"results.shm_budget_mb: {results.shm_budget_mb} MiB cannot hold two "
                           f"{results.chunk_mb} MiB segments for each of {config.worker_count} workers")
-    if config.query_cache.enabled:
-        raise ConfigError("query_cache.enabled: the result cache is not implemented yet; set it to false")
     return config
 
 

@@ -108,6 +108,7 @@ class SegmentPool:
         self._lent: set[Segment] = set()
         self._waiters: collections.deque[asyncio.Future] = collections.deque()
         self.created = 0
+        self.detached = 0  # kept by the cache, outside the budget
 
     @property
     def in_use(self) -> int:
@@ -160,6 +161,17 @@ class SegmentPool:
             self._idle.append(segment)
         else:
             segment.destroy()
+
+    def detach(self, segment: Segment) -> None:
+        """A lent segment leaves the pool's count: its borrower (the cache) keeps it."""
+        self._lent.discard(segment)
+        self.detached += 1
+
+    def reclaim(self, segment: Segment) -> None:
+        """A detached segment comes back: to a waiter or the idle list, or it is unlinked."""
+        self.detached -= 1
+        self._lent.add(segment)
+        self.release(segment)
 
     def close(self) -> None:
         for segment in [*self._idle, *self._lent]:

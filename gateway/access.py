@@ -46,6 +46,7 @@ class RequestFacts:
     wait_ms: float | None = None
     execution_ms: float | None = None
     send_ms: float | None = None
+    cache: str | None = None  # hit, miss, coalesced or bypass, when the cache is on
     error_type: str | None = None
 
 
@@ -102,6 +103,8 @@ def _record(request: web.Request, facts: RequestFacts, status: int, sent: int) -
                               facts.execution_ms, facts.send_ms)
         fields.update(format=facts.format, rows=facts.rows, wait_ms=_ms(facts.wait_ms),
                       execution_ms=_ms(facts.execution_ms), send_ms=_ms(facts.send_ms))
+        if facts.cache:
+            fields["cache"] = facts.cache
     log.info("access", **fields)
     if facts.sql is not None and duration_ms >= request.app[SLOW_QUERY_MS]:
         log.warning("slow_query", request_id=facts.request_id, token=token, status=status,

@@ -25,11 +25,13 @@ from aiohttp import web
 from engine import config as config_mod, log as log_mod, shm
 from engine.process import die_with_parent
 from gateway import access, auth, handlers, ratelimit
+from gateway.cache import QueryCache
 from gateway.fleet import Fleet
 from gateway.metrics import Metrics
+from gateway.sqlkey import SqlAnalyzer
 
 
-def make_app(fleet: Fleet, cfg: config_mod.Config) -> web.Application:
+def make_app(fleet: Fleet, cfg: config_mod.Config, cache: QueryCache | None = None) -> web.Application:
     """Middlewares, outermost first: observe (request id, access log, metrics), errors (JSON
     errors), auth (when enabled), rate limit (when enabled); then the handler."""
     middlewares = [access.observe, handlers.errors_middleware]
@@ -41,11 +43,22 @@ def make_app(fleet: Fleet, cfg: config_mod.Config) -> web.Application:
     app = web.Application(client_max_size=cfg.server.max_body_kb * 1024, middlewares=middlewares)
     app[handlers.FLEET] = fleet
     app[handlers.CONFIG] = cfg
-    app[access.METRICS] = Metrics(fleet.stats)
+    if cache is not None:
+        app[handlers.CACHE] = cache
+    app[access.METRICS] = Metrics(fleet.stats, cache.stats if cache else None)
     app[access.SLOW_QUERY_MS] = cfg.server.slow_query_ms
     app.on_response_prepare.append(access.add_request_id)
     app.add_routes(handlers.routes())
     return app
+
+
+def make_cache(cfg: config_mod.Config, segments: shm.SegmentPool) -> QueryCache:
+    catalog = cfg.catalog
+    analyzer = SqlAnalyzer(catalog.default_database,
+                           frozenset(catalog.databases) | frozenset(catalog.views))
+    cache = QueryCache(cfg.query_cache, segments, analyzer, catalog.data_dir)
+    cache.start()
+    return cache
 
 
 async def serve(runtime: Path, supervisor_pid: int, listen_fds: list[int]) -> None:
@@ -61,6 +74,7 @@ async def serve(runtime: Path, supervisor_pid: int, listen_fds: list[int]) -> No
                   query_timeout=queue.query_timeout_s, cancel_grace=queue.cancel_grace_s,
                   aging=queue.priority_aging_s, max_result_bytes=results.max_result_mb * 2**20,
                   batch_rows=results.batch_rows, stream_buffer=results.stream_buffer_mb * 2**20)
+    cache = make_cache(cfg, segments) if cfg.query_cache.enabled else None
     worker_socket = runtime / "workers.sock"
     worker_socket.unlink(missing_ok=True)
     old_umask = os.umask(0o177)  # the socket file is created 0600
@@ -70,7 +84,7 @@ async def serve(runtime: Path, supervisor_pid: int, listen_fds: list[int]) -> No
         os.umask(old_umask)
 
     # handler_cancellation: a client that disconnects cancels its request, wherever it is.
-    runner = web.AppRunner(make_app(fleet, cfg), handle_signals=False, access_log=None,
+    runner = web.AppRunner(make_app(fleet, cfg, cache), handle_signals=False, access_log=None,
                            shutdown_timeout=cfg.server.shutdown_grace_s, handler_cancellation=True)
     await runner.setup()
     for fd in listen_fds:
@@ -85,6 +99,8 @@ async def serve(runtime: Path, supervisor_pid: int, listen_fds: list[int]) -> No
     log.info("gateway_stopping")
     await runner.cleanup()  # stops listening, waits for in-flight requests
     worker_server.close()
+    if cache is not None:
+        cache.close()  # before the pool: its segments go back to it
     fleet.close()
     worker_socket.unlink(missing_ok=True)
     log.info("gateway_stopped")

@@ -107,8 +107,12 @@ class Job:
             raise item
         return item
 
-    def sent(self, segment: Segment) -> None:
-        self.fleet.segments.release(segment)
+    def sent(self, segment: Segment, kept: bool = False) -> None:
+        """The caller is done with a segment: back to the pool, or kept (by the cache)."""
+        if kept:
+            self.fleet.segments.detach(segment)
+        else:
+            self.fleet.segments.release(segment)
         self.unsent -= 1
         self._grant()
 
@@ -409,7 +413,8 @@ class Fleet:
                 "retried": self.retried, "timeouts": self.timeouts,
                 "rejected": dict(self.rejected),
                 "shm_segments_in_use": pool.in_use, "shm_segments_idle": pool.idle,
-                "shm_segments_created": pool.created, "shm_segment_bytes": pool.chunk_bytes,
+                "shm_segments_created": pool.created,
+                "shm_segments_cached": pool.detached, "shm_segment_bytes": pool.chunk_bytes,
                 "shm_waiting": pool.waiting,
                 "workers": workers}
 

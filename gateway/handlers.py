@@ -5,6 +5,8 @@ the access log and the metrics (gateway/access.py)."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -15,11 +17,13 @@ from engine.config import Config
 from engine.errors import Kind, QueryError
 from gateway import openapi, render
 from gateway.access import FACTS, METRICS
+from gateway.cache import BYPASS, RETRY, CacheKey, Entry, Flight, QueryCache
 from gateway.fleet import Fleet
 from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 
 FLEET = web.AppKey("fleet", Fleet)
 CONFIG = web.AppKey("config", Config)
+CACHE = web.AppKey("cache", QueryCache)
 log = log_mod.get()
 
 
@@ -29,6 +33,7 @@ class QueryRequest(msgspec.Struct):
     params: list[Any] | None = None
     timeout_ms: Annotated[int, msgspec.Meta(gt=0)] | None = None
     priority: Literal["high", "normal", "low"] | None = None  # None: the route's default
+    cache: bool = True  # false: neither served from nor stored in the result cache
 
 
 _decoder = msgspec.json.Decoder(QueryRequest)
@@ -91,28 +96,98 @@ async def run_query(request: web.Request, fmt: str | None, priority: str) -> web
     query = await parse_query(request)
     fmt = facts.format = fmt or query.format
     facts.sql = query.sql
-    timeout = query.timeout_ms / 1000 if query.timeout_ms else None
-    databases = facts.token.databases if facts.token else None
-    fleet = request.app[FLEET]
-    for attempt in (1, 2):
-        job = await fleet.submit(query.sql, fmt, query.params, timeout, query.priority or priority,
-                                 databases)
+    run = Run(request, query, fmt, priority)
+    cache = request.app.get(CACHE)
+    if cache is None:
+        return await run.execute()
+    key = cache.key(query.sql, fmt, query.params, run.databases) if query.cache else None
+    if key is None:
+        cache.bypassed += not query.cache
+        return await run.execute(cache_state="bypass")
+    return await run.cached(cache, key)
+
+
+class Run:
+    """One query request: executed by a worker, or answered by the cache."""
+
+    def __init__(self, request: web.Request, query: QueryRequest, fmt: str, priority: str):
+        self.request = request
+        self.query = query
+        self.fmt = fmt
+        self.priority = query.priority or priority
+        self.facts = request[FACTS]
+        self.databases = self.facts.token.databases if self.facts.token else None
+        self.timeout = query.timeout_ms / 1000 if query.timeout_ms else None
+        self.send_timeout = request.app[CONFIG].results.send_timeout_s
+
+    async def execute(self, keeper=None, cache_state: str | None = None) -> web.StreamResponse:
+        fleet = self.request.app[FLEET]
+        self.facts.cache = cache_state
+        for attempt in (1, 2):
+            job = await fleet.submit(self.query.sql, self.fmt, self.query.params, self.timeout,
+                                     self.priority, self.databases)
+            try:
+                response = await render.send_result(self.request, job, self.fmt,
+                                                    self.send_timeout, keeper, cache_state)
+                if job.result is not None:  # timings of answered queries only
+                    self.facts.rows, self.facts.execution_ms = job.result.rows, job.result.execution_ms
+                    self.facts.wait_ms, self.facts.send_ms = job.wait_ms, job.send_ms
+                return response
+            except QueryError as exc:
+                # Every query is a read: one that lost its worker before a byte was sent runs
+                # once more elsewhere (send_result aborts the stream itself after the first byte).
+                if exc.kind != Kind.WORKER_LOST or attempt == 2:
+                    raise
+                fleet.retried += 1
+                log.warning("query_retried", query_id=job.id, error=exc.message)
+            finally:
+                job.close()
+
+    async def cached(self, cache: QueryCache, key: CacheKey) -> web.StreamResponse:
+        """A hit; or wait for the same query already running; or run it, keeping the result."""
+        while True:
+            if (entry := cache.get(key)) is not None:
+                return await self._send(entry, "hit")
+            if (flight := cache.flight(key)) is None:
+                break
+            outcome = await self._wait(flight)
+            if isinstance(outcome, Entry):
+                cache.coalesced += 1
+                return await self._send(outcome, "coalesced")
+            if outcome is BYPASS:
+                return await self.execute(cache_state="bypass")
+            # RETRY: its leader left before the result; ask again (the first asker leads)
+        flight, keeper = cache.lead(key)
+        outcome = RETRY  # if this request is cancelled, a waiter takes over
         try:
-            response = await render.send_result(request, job, fmt,
-                                                request.app[CONFIG].results.send_timeout_s)
-            if job.result is not None:  # timings of answered queries only
-                facts.rows, facts.execution_ms = job.result.rows, job.result.execution_ms
-                facts.wait_ms, facts.send_ms = job.wait_ms, job.send_ms
+            response = await self.execute(keeper, cache_state="miss")
+            outcome = BYPASS  # unless the keeper stored an entry and landed the flight already
             return response
         except QueryError as exc:
-            # Every query is a read: one that lost its worker before a byte was sent runs
-            # once more elsewhere (send_result aborts the stream itself after the first byte).
-            if exc.kind != Kind.WORKER_LOST or attempt == 2:
-                raise
-            fleet.retried += 1
-            log.warning("query_retried", query_id=job.id, error=exc.message)
+            outcome = exc
+            raise
         finally:
-            job.close()
+            keeper.give_up()
+            cache.land(flight, outcome)
+
+    async def _wait(self, flight: Flight):
+        fleet = self.request.app[FLEET]
+        limit = min(self.timeout or fleet.query_timeout, fleet.query_timeout)
+        try:
+            async with asyncio.timeout(limit + fleet.cancel_grace):
+                return await flight.wait()
+        except TimeoutError:
+            raise QueryError(Kind.TIMEOUT, f"the same query, already running, did not finish "
+                                           f"within the {limit:g} s deadline") from None
+
+    async def _send(self, entry: Entry, state: str) -> web.StreamResponse:
+        self.facts.cache, self.facts.rows, self.facts.wait_ms = state, entry.rows, 0.0
+        started = time.perf_counter()
+        try:
+            return await render.send_entry(self.request, entry, self.fmt, state, self.send_timeout)
+        finally:
+            entry.unpin()
+            self.facts.send_ms = (time.perf_counter() - started) * 1000
 
 
 async def query(request: web.Request) -> web.StreamResponse:
@@ -144,6 +219,23 @@ async def stats(request: web.Request) -> web.Response:
     return web.json_response(request.app[FLEET].stats())
 
 
+async def cache_stats(request: web.Request) -> web.Response:
+    cache = request.app.get(CACHE)
+    return web.json_response(cache.stats() if cache else {"enabled": False})
+
+
+async def cache_clear(request: web.Request) -> web.Response:
+    """For operators: a token limited to some databases may not clear everyone's entries."""
+    token = request[FACTS].token
+    if token is not None and token.databases is not None:
+        raise QueryError(Kind.FORBIDDEN, f"token {token.name!r} is limited to some databases; "
+                                         "clearing the cache needs an unrestricted token")
+    cache = request.app.get(CACHE)
+    cleared = cache.clear() if cache else 0
+    log.info("cache_cleared", entries=cleared, token=token.name if token else None)
+    return web.json_response({"cleared": cleared})
+
+
 async def metrics_text(request: web.Request) -> web.Response:
     return web.Response(body=request.app[METRICS].text(),
                         headers={"Content-Type": METRICS_CONTENT_TYPE})
@@ -166,6 +258,8 @@ def routes() -> list[web.RouteDef]:
         web.get("/health/ready", ready),
         web.get("/ready", ready),
         web.get("/api/v1/stats/connections", stats),
+        web.get("/api/v1/cache/stats", cache_stats),
+        web.post("/api/v1/cache/clear", cache_clear),
         web.get("/api/v1/metrics", metrics_json),
         web.get("/metrics", metrics_text),
         web.get("/api/v1/openapi.json", openapi_json),

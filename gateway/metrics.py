@@ -30,7 +30,8 @@ _LONG = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60,
 
 
 class Metrics:
-    def __init__(self, fleet_stats: Callable[[], dict]):
+    def __init__(self, fleet_stats: Callable[[], dict],
+                 cache_stats: Callable[[], dict] | None = None):
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("duckfleet_http_requests", "HTTP requests by route and status",
@@ -50,6 +51,8 @@ class Metrics:
         self.rows = Counter("duckfleet_result_rows", "Rows returned by successful queries",
                             registry=r)
         r.register(FleetCollector(fleet_stats))
+        if cache_stats is not None:
+            r.register(CacheCollector(cache_stats))
 
     def observe_request(self, route: str, status: int, sent: int) -> None:
         self.requests.labels(route, str(status)).inc()
@@ -97,7 +100,8 @@ class Metrics:
 class FleetCollector:
     """Reads Fleet.stats() (and the gateway's segment sizes) each time the registry is scraped."""
 
-    def __init__(self, fleet_stats: Callable[[], dict]):
+    def __init__(self, fleet_stats: Callable[[], dict],
+                 cache_stats: Callable[[], dict] | None = None):
         self._stats = fleet_stats
 
     def describe(self):
@@ -148,3 +152,34 @@ class FleetCollector:
             limit.add_metric(labels, w.get("memory_limit", 0))
         yield rss
         yield limit
+
+
+class CacheCollector:
+    """Reads QueryCache.stats() at scrape time."""
+
+    def __init__(self, cache_stats: Callable[[], dict]):
+        self._stats = cache_stats
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        stats = self._stats()
+        lookups = CounterMetricFamily("duckfleet_cache_requests",
+                                      "Query requests by what the cache did", labels=["result"])
+        for result, name in (("hit", "hits"), ("miss", "misses"), ("coalesced", "coalesced"),
+                             ("bypass", "bypassed")):
+            lookups.add_metric([result], stats[name])
+        yield lookups
+        evictions = CounterMetricFamily("duckfleet_cache_evictions",
+                                        "Entries removed from the cache by reason", labels=["reason"])
+        for reason, count in stats["evicted_by_reason"].items():
+            evictions.add_metric([reason], count)
+        yield evictions
+        yield GaugeMetricFamily("duckfleet_cache_entries", "Entries in the result cache",
+                                value=stats["entries"])
+        yield GaugeMetricFamily("duckfleet_cache_bytes",
+                                "Bytes the result cache holds (whole segments for large entries)",
+                                value=stats["bytes"])
+        yield CounterMetricFamily("duckfleet_cache_hit_bytes", "Result bytes served from the cache",
+                                  value=stats["hit_bytes"])

@@ -26,7 +26,9 @@ from engine import log as log_mod
 from engine.encode import MEDIA_TYPES
 from engine.errors import Kind, QueryError
 from engine.shm import Segment
+from gateway.cache import Entry, Keeper
 from gateway.fleet import Job
+from gateway.sendfile import sendfile
 
 log = log_mod.get()
 
@@ -63,18 +65,74 @@ def json_tail(execution_ms: float, wait_ms: float) -> bytes:
             f'"timestamp":"{stamp}","error":null}}').encode()
 
 
-async def send_result(request: web.Request, job: Job, fmt: str, send_timeout: float) -> web.StreamResponse:
+async def send_result(request: web.Request, job: Job, fmt: str, send_timeout: float,
+                      keeper: Keeper | None = None, cache_state: str | None = None) -> web.StreamResponse:
+    """Send a job's result; with a keeper, also keep it for the cache (X-Cache: miss)."""
     segment, length, result = await job.next()
     started = time.perf_counter()
     try:
-        return await _send(request, job, fmt, send_timeout, segment, length, result)
+        if keeper is not None and result is not None:
+            entry = _keep_whole(job, keeper, segment, length, result)
+            if entry is not None:
+                try:
+                    return await send_entry(request, entry, fmt, "miss", send_timeout, job.wait_ms)
+                finally:
+                    entry.unpin()
+        return await _send(request, job, fmt, send_timeout, segment, length, result, keeper,
+                           cache_state)
     finally:
         job.send_ms = (time.perf_counter() - started) * 1000
 
 
+def _keep_whole(job: Job, keeper: Keeper, segment: Segment, length: int, result) -> Entry | None:
+    """A one-segment result for the cache: a small one is copied and its segment returned."""
+    if length <= SMALL:
+        body = bytes(segment.view[:length])
+        job.sent(segment)
+        return keeper.finish(result.rows, result.execution_ms, body)
+    if not keeper.keep(segment, length):
+        return None
+    job.sent(segment, kept=True)
+    return keeper.finish(result.rows, result.execution_ms)
+
+
+async def send_entry(request: web.Request, entry: Entry, fmt: str, cache_state: str,
+                     send_timeout: float, wait_ms: float = 0.0) -> web.StreamResponse:
+    """Send a cached result, which the caller has pinned: bytes, or sendfile from its segments."""
+    headers = {"Content-Type": MEDIA_TYPES[fmt], "X-Row-Count": str(entry.rows),
+               "X-Execution-Time-Ms": f"{entry.execution_ms:.3f}",
+               "X-Wait-Time-Ms": f"{wait_ms:.3f}", "X-Cache": cache_state,
+               "Age": str(int(time.monotonic() - entry.created))}
+    tail = json_tail(entry.execution_ms, wait_ms) if fmt == "json" else b""
+    if entry.body is not None:
+        return web.Response(body=entry.body + tail if tail else entry.body, headers=headers)
+    response = web.StreamResponse(headers=headers)
+    response.content_length = entry.length + len(tail)
+    writer = await response.prepare(request)
+    transport = request.transport
+    if transport is None:
+        raise ConnectionResetError("client went away")
+    transport.set_write_buffer_limits(high=0)
+    try:
+        async with asyncio.timeout(send_timeout):
+            await writer.drain()  # the headers: sendfile writes behind the transport's back
+        for segment, length in entry.segments:
+            await sendfile(transport, segment.fd, 0, length, send_timeout)
+            writer.output_size += length
+    finally:
+        if not transport.is_closing():
+            transport.set_write_buffer_limits()
+    if tail:
+        await response.write(tail)
+    await response.write_eof()
+    return response
+
+
 async def _send(request, job: Job, fmt: str, send_timeout: float, segment: Segment, length: int,
-                result) -> web.StreamResponse:
+                result, keeper: Keeper | None, cache_state: str | None) -> web.StreamResponse:
     headers = {"Content-Type": MEDIA_TYPES[fmt], "X-Wait-Time-Ms": f"{job.wait_ms:.3f}"}
+    if cache_state:
+        headers["X-Cache"] = cache_state
     if result is not None:
         return await _send_whole(request, job, fmt, segment, length, result, headers, send_timeout)
     response = web.StreamResponse(headers=headers)
@@ -85,13 +143,15 @@ async def _send(request, job: Job, fmt: str, send_timeout: float, segment: Segme
             try:
                 await _send_view(request, response, writer, segment.view[:length], send_timeout)
             finally:
-                job.sent(segment)
+                job.sent(segment, kept=keeper is not None and keeper.keep(segment, length))
             if result is not None:
                 break
             segment, length, result = await job.next()
         if fmt == "json":
             await response.write(json_tail(result.execution_ms, job.wait_ms))
         await response.write_eof()
+        if keeper is not None and (entry := keeper.finish(result.rows, result.execution_ms)):
+            entry.unpin()  # stored for the next requests; this one has it all
     except (QueryError, TimeoutError) as exc:
         log.warning("stream_aborted", query_id=job.id, error=str(exc))
         if request.transport is not None:
