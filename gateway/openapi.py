@@ -91,6 +91,19 @@ SCHEMAS = {
                                "memory_limit": {"type": "integer"}}}},
         },
     },
+    "CacheStats": {
+        "type": "object", "required": ["enabled"],
+        "properties": {
+            "enabled": {"type": "boolean"},
+            **{name: {"type": "integer", "minimum": 0} for name in (
+                "entries", "bytes", "hits", "misses", "coalesced", "bypassed", "hit_bytes",
+                "evicted", "in_flight")},
+            "evicted_by_reason": {"type": "object",
+                                  "additionalProperties": {"type": "integer", "minimum": 0}},
+        },
+    },
+    "CacheCleared": {"type": "object", "required": ["cleared"],
+                     "properties": {"cleared": {"type": "integer", "minimum": 0}}},
     "Metrics": {
         "description": "Every Prometheus sample by name: a number; a list of labelled values; "
                        "or, for a histogram, its count, sum and cumulative buckets.",
@@ -121,7 +134,9 @@ EXAMPLES = {
 
 def _query_operation(summary: str, formats: list[str]) -> dict:
     result_headers = {"X-Row-Count": "rows in the result", "X-Execution-Time-Ms": "worker time",
-                      "X-Wait-Time-Ms": "time spent waiting for a worker"}
+                      "X-Wait-Time-Ms": "time spent waiting for a worker",
+                      "X-Cache": "with the cache on: hit, miss, coalesced or bypass",
+                      "Age": "seconds since a cached result was computed"}
     content = {}
     for fmt in formats:
         media = MEDIA_TYPES[fmt].split(";")[0]
@@ -165,6 +180,12 @@ def document(request_struct: type, auth_enabled: bool) -> dict:
         "/ready": {"get": ready},
         "/api/v1/stats/connections": {"get": _get("fleet totals and each worker",
                                                   _json(_ref("Stats"), "stats"))},
+        "/api/v1/cache/stats": {"get": _get("the result cache's counts",
+                                            _json(_ref("CacheStats"), "cache stats"))},
+        "/api/v1/cache/clear": {"post": {
+            "summary": "drop every cached result",
+            "responses": {"200": _json(_ref("CacheCleared"), "entries dropped"),
+                          "403": _error("a token limited to some databases")}}},
         "/api/v1/metrics": {"get": _get("the Prometheus metrics as JSON",
                                         _json(_ref("Metrics"), "metrics"))},
         "/metrics": {"get": _get("Prometheus text format", {
