@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import sys
 import tempfile
@@ -34,9 +35,9 @@ CACHE_CONFIG = "[query_cache]\nenabled = true\nttl_seconds = 60\n"
 def plan(quick: bool) -> dict:
     if quick:
         return {"concurrencies": [1, 32], "duration": 2.5, "runs": 1, "large_runs": 1,
-                "tpch_sf": 0.1, "tpch_runs": 1}
+                "json_max_rows": 1_000_000, "tpch_sf": 0.1, "tpch_runs": 1}
     return {"concurrencies": [1, 8, 32, 64], "duration": 6.0, "runs": 3, "large_runs": 3,
-            "tpch_sf": 1, "tpch_runs": 3}
+            "json_max_rows": 10_000_000, "tpch_sf": 1, "tpch_runs": 3}
 
 
 def arc_memory_limit(workers: int) -> str:
@@ -84,7 +85,7 @@ def run_dashboard_and_large(tmp: Path, cfg: dict, cores: int, workers: int, only
                         peer, cfg["concurrencies"], cfg["duration"], cfg["runs"], epoch)
                     out["dashboard"][name]["notes"] = peer.notes
                 if want_large:
-                    out["large"][name] = workloads.large_results(peer, cfg["large_runs"])
+                    out["large"][name] = workloads.large_results(peer, cfg["large_runs"], cfg["json_max_rows"])
                 if name == "quack" and want_dash:
                     out["quack_attach"] = attach_probe(peer, epoch)
         except Exception as exc:
@@ -103,10 +104,13 @@ def run_dashboard_and_large(tmp: Path, cfg: dict, cores: int, workers: int, only
 
 
 def _first_error_line(exc: Exception) -> str:
+    """The error a server logged as it refused to start (a JSON log line), else the first line."""
     text = str(exc)
     for line in text.splitlines():
-        if "query_cache" in line or "Error" in line:
-            return line.strip()[:300]
+        with contextlib.suppress(ValueError, AttributeError):
+            record = json.loads(line)
+            if record.get("error"):
+                return str(record["error"])[:300]
     return (text.splitlines() or [type(exc).__name__])[0][:300]
 
 

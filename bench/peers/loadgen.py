@@ -18,11 +18,39 @@ import time
 from typing import Callable
 
 import aiohttp
+import http.client
+import pyarrow as pa
 
 from bench.common import percentile
 from bench.peers.servers import LOOPBACK, Peer
 
 REQUEST_TIMEOUT_S = 120
+
+
+def post(port: int, path: str, sql: str) -> tuple[int, bytes]:
+    """One blocking request with a JSON body: (status, whole body)."""
+    conn = http.client.HTTPConnection(LOOPBACK, port, timeout=600)
+    try:
+        conn.request("POST", path, json.dumps({"sql": sql}).encode(),
+                     {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def fetch_arrow(port: int, sql: str) -> pa.Table:
+    """POST /api/v1/query/arrow, parsed while it downloads, as a pyarrow user would."""
+    conn = http.client.HTTPConnection(LOOPBACK, port, timeout=600)
+    try:
+        conn.request("POST", "/api/v1/query/arrow", json.dumps({"sql": sql}).encode(),
+                     {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        if resp.status != 200:
+            raise RuntimeError(f"{resp.status}: {resp.read()[:300]!r}")
+        return pa.ipc.open_stream(resp).read_all()
+    finally:
+        conn.close()
 
 
 class Tally:

@@ -12,10 +12,9 @@ import time
 
 import duckdb
 
-from bench.peers.dashboard import NOW0, PANELS, WINDOWS, panel_sql
+from bench.peers.dashboard import NOW0, PANELS, WINDOWS, DashboardMix, panel_sql
 from bench.peers.extensions import load
 from bench.peers.loadgen import closed_loop
-from bench.peers.dashboard import DashboardMix
 from bench.peers.servers import QUACK_TOKEN, Peer, quack_uri
 
 
@@ -38,7 +37,8 @@ def attach_probe(peer: Peer, epoch: float, duration: float = 3.0) -> dict:
             except duckdb.Error as exc:
                 errors += 1
                 kinds[str(exc)[:120]] = kinds.get(str(exc)[:120], 0) + 1
-        attached = Peer("quack-attach", "duckdb", con=con)
+        attached = Peer("quack-attach", "duckdb", con=con,  # a cursor does not inherit USE
+                        sql_for=lambda sql: "USE remote; " + sql)
         mixes = [DashboardMix(seed=7000 + n, epoch=epoch) for n in range(8)]
         loaded = closed_loop(attached, lambda n: mixes[n].next(), 8, duration)
         return {"attached": True, "sequential_queries": len(PANELS), "sequential_errors": errors,

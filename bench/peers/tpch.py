@@ -16,7 +16,7 @@ import time
 
 import pyarrow as pa
 
-from bench.common import fetch_arrow
+from bench.peers.loadgen import fetch_arrow
 from bench.peers.servers import Peer
 
 CONCURRENCY = 4
@@ -24,7 +24,7 @@ CONCURRENCY = 4
 
 def fetch(peer: Peer, sql: str) -> pa.Table:
     if peer.kind == "http":
-        return fetch_arrow(peer.port, sql)[1]
+        return fetch_arrow(peer.port, sql)
     cursor = peer.con.cursor()
     try:
         return cursor.sql(peer.sql_for(sql)).arrow().read_all()

@@ -9,14 +9,11 @@ SLOW_S is not repeated, so a slow peer cannot blow the time budget.
 
 from __future__ import annotations
 
-import http.client
-import json
 import statistics
 import time
 
-from bench.common import fetch_arrow
 from bench.peers.dashboard import NOW0, PANELS, WINDOWS, DashboardMix, panel_sql
-from bench.peers.loadgen import closed_loop
+from bench.peers.loadgen import closed_loop, fetch_arrow, post
 from bench.peers.servers import LOOPBACK, Peer, RssSampler
 
 LARGE = {n: f"SELECT i, i * 2 AS j, i % 7 AS k FROM range({n}) t(i)" for n in (1_000_000, 10_000_000)}
@@ -27,7 +24,7 @@ def warm(peer: Peer) -> None:
     for panel in PANELS:
         sql = panel_sql(panel, NOW0, next(iter(WINDOWS)))
         if peer.kind == "http":
-            status, body = _post(peer.port, "/api/v1/query", sql)
+            status, body = post(peer.port, "/api/v1/query", sql)
             if status != 200:
                 raise RuntimeError(f"{peer.name} warm-up: {status} {body[:300]!r}")
         else:
@@ -63,22 +60,11 @@ def summarize(rows: list[dict]) -> dict:
             "runs": [{k: r[k] for k in ("qps", "p50_ms", "p99_ms", "errors")} for r in rows]}
 
 
-def _post(port: int, path: str, sql: str) -> tuple[int, bytes]:
-    conn = http.client.HTTPConnection(LOOPBACK, port, timeout=600)
-    try:
-        conn.request("POST", path, json.dumps({"sql": sql}).encode(),
-                     {"Content-Type": "application/json"})
-        resp = conn.getresponse()
-        return resp.status, resp.read()
-    finally:
-        conn.close()
-
-
 def _fetch(peer: Peer, fmt: str, sql: str, rows: int) -> None:
     if peer.kind == "http" and fmt == "arrow":
-        got = fetch_arrow(peer.port, sql)[1].num_rows
+        got = fetch_arrow(peer.port, sql).num_rows
     elif peer.kind == "http":
-        status, body = _post(peer.port, "/api/v1/query", sql)
+        status, body = post(peer.port, "/api/v1/query", sql)
         if status != 200:
             raise RuntimeError(f"{status}: {body[:200]!r}")
         got = rows  # the body is complete; counting its rows would time the client's parser
@@ -88,10 +74,12 @@ def _fetch(peer: Peer, fmt: str, sql: str, rows: int) -> None:
         raise RuntimeError(f"{got} rows, expected {rows}")
 
 
-def large_results(peer: Peer, runs: int, formats=("arrow", "json")) -> dict:
+def large_results(peer: Peer, runs: int, json_max_rows: int) -> dict:
     out = {}
     for rows, sql in LARGE.items():
-        for fmt in formats:
+        for fmt in ("arrow", "json"):
+            if fmt == "json" and rows > json_max_rows:
+                continue
             if fmt == "json" and peer.kind != "http":
                 continue  # a DuckDB client gets Arrow-like batches; there is no JSON to time
             times, error = [], None
