@@ -80,6 +80,8 @@ def run_dashboard_and_large(tmp: Path, cfg: dict, cores: int, workers: int, only
         print(f"[peers] {name}", flush=True)
         try:
             with start() as peer:
+                if name.startswith("duckfleet"):
+                    out["fleet_pids"] += peer.pids
                 if want_dash:
                     out["dashboard"][name] = workloads.dashboard(
                         peer, cfg["concurrencies"], cfg["duration"], cfg["runs"], epoch)
@@ -136,6 +138,8 @@ def run_tpch(tmp: Path, cfg: dict, cores: int, workers: int, out: dict) -> None:
             runs = cfg["tpch_runs"] if name.startswith("duckfleet") else 1
             try:
                 with start() as peer:
+                    if name.startswith("duckfleet"):
+                        out["fleet_pids"] += peer.pids
                     out["tpch"]["peers"][name] = tpch.run(peer, queries, reference, runs)
             except Exception as exc:
                 out["unavailable"][f"tpch {name}"] = _first_error_line(exc)
@@ -157,7 +161,7 @@ def main(argv=None) -> int:
     folder = RESULTS / f"peers-{stamp:%Y%m%dT%H%M%SZ}{'-quick' if args.quick else ''}"
     out = {"started": stamp.isoformat(), "quick": args.quick, "plan": cfg, "workers": args.workers,
            "machine": report.machine(), "dashboard": {}, "large": {}, "ceiling": {}, "tpch": {},
-           "unavailable": {}, "failure": None}
+           "unavailable": {}, "failure": None, "fleet_pids": []}
     epoch = time.time()
     began = time.perf_counter()
     code = 0
@@ -175,6 +179,10 @@ def main(argv=None) -> int:
         print(out["failure"], file=sys.stderr)
         code = 1
     out["elapsed_s"] = time.perf_counter() - began
+    out["left_behind"] = servers.leftovers(out["fleet_pids"])
+    if out["left_behind"]["processes"] or out["left_behind"]["segments"]:
+        print(f"left behind: {out['left_behind']}", file=sys.stderr)
+        code = code or 1
     out["targets"] = report.targets(out)
     if any(p.get("mismatches") for p in out.get("tpch", {}).get("peers", {}).values()):
         code = code or 1

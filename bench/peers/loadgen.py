@@ -108,7 +108,7 @@ def _threads(peer: Peer, next_sql: Callable[[int], str], concurrency: int, durat
     deadline = time.perf_counter() + duration
 
     def client(n: int):
-        cursor = peer.con.cursor()
+        cursor = peer.cursor()
         try:
             while time.perf_counter() < deadline:
                 with lock:

@@ -37,8 +37,7 @@ def attach_probe(peer: Peer, epoch: float, duration: float = 3.0) -> dict:
             except duckdb.Error as exc:
                 errors += 1
                 kinds[str(exc)[:120]] = kinds.get(str(exc)[:120], 0) + 1
-        attached = Peer("quack-attach", "duckdb", con=con,  # a cursor does not inherit USE
-                        sql_for=lambda sql: "USE remote; " + sql)
+        attached = Peer("quack-attach", "duckdb", con=con, cursor_setup=["USE remote"])
         mixes = [DashboardMix(seed=7000 + n, epoch=epoch) for n in range(8)]
         loaded = closed_loop(attached, lambda n: mixes[n].next(), 8, duration)
         return {"attached": True, "sequential_queries": len(PANELS), "sequential_errors": errors,

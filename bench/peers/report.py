@@ -228,7 +228,10 @@ def markdown(out: dict) -> str:
                 lines.append(f"- {peer} Q{e['query']}: {e['error']}")
             for e in r["mismatches"][:5]:
                 lines.append(f"- **mismatch** {peer} Q{e['query']}: {e['mismatch']}")
-    lines += ["", "## What is faithful and what is not", "", FAITHFULNESS]
+    left = out.get("left_behind", {})
+    lines += ["", f"Left behind after the run: {len(left.get('processes', []))} processes, "
+              f"{len(left.get('segments', []))} shared-memory segments.",
+              "", "## What is faithful and what is not", "", FAITHFULNESS]
     return "\n".join(lines) + "\n"
 
 

@@ -44,7 +44,14 @@ class Peer:
     pids: list[int] = field(default_factory=list)  # roots of the process trees to sample
     con: duckdb.DuckDBPyConnection | None = None  # "duckdb" peers: the client connection
     sql_for: Callable[[str], str] = lambda sql: sql
+    cursor_setup: list[str] = field(default_factory=list)  # run on each client's new cursor
     notes: str = ""
+
+    def cursor(self) -> duckdb.DuckDBPyConnection:
+        cursor = self.con.cursor()
+        for statement in self.cursor_setup:
+            cursor.execute(statement)
+        return cursor
 
 
 def free_port() -> int:
@@ -192,6 +199,20 @@ def in_process(name: str, boot: list[str], threads: int):
                    notes=f"this process, threads={threads}, one cursor per client thread")
     finally:
         con.close()
+
+
+# --- hygiene ---
+
+def leftovers(fleet_pids: list[int]) -> dict:
+    """What a run left behind: live descendants of this process, and segments of the fleets
+    it started (named duckfleet.<supervisor pid>.*)."""
+    alive = []
+    for proc in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if proc.status() != psutil.STATUS_ZOMBIE and "resource_tracker" not in " ".join(proc.cmdline()):
+                alive.append(f"{proc.pid} {' '.join(proc.cmdline())[:120]}")
+    segments = [p.name for pid in fleet_pids for p in Path("/dev/shm").glob(f"duckfleet.{pid}.*")]
+    return {"processes": alive, "segments": segments}
 
 
 # --- memory ---

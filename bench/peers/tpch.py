@@ -25,7 +25,7 @@ CONCURRENCY = 4
 def fetch(peer: Peer, sql: str) -> pa.Table:
     if peer.kind == "http":
         return fetch_arrow(peer.port, sql)
-    cursor = peer.con.cursor()
+    cursor = peer.cursor()
     try:
         return cursor.sql(peer.sql_for(sql)).arrow().read_all()
     finally:

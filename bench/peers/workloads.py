@@ -28,7 +28,7 @@ def warm(peer: Peer) -> None:
             if status != 200:
                 raise RuntimeError(f"{peer.name} warm-up: {status} {body[:300]!r}")
         else:
-            peer.con.cursor().execute(peer.sql_for(sql)).fetchall()
+            peer.cursor().execute(peer.sql_for(sql)).fetchall()
 
 
 def dashboard(peer: Peer, concurrencies: list[int], duration: float, runs: int, epoch: float) -> dict:
@@ -69,7 +69,7 @@ def _fetch(peer: Peer, fmt: str, sql: str, rows: int) -> None:
             raise RuntimeError(f"{status}: {body[:200]!r}")
         got = rows  # the body is complete; counting its rows would time the client's parser
     else:
-        got = peer.con.cursor().sql(peer.sql_for(sql)).arrow().read_all().num_rows
+        got = peer.cursor().sql(peer.sql_for(sql)).arrow().read_all().num_rows
     if got != rows:
         raise RuntimeError(f"{got} rows, expected {rows}")
 
