@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -147,7 +148,15 @@ def run_tpch(tmp: Path, cfg: dict, cores: int, workers: int, out: dict) -> None:
                     raise
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def main(argv=None) -> int:
+    # Ctrl-C and SIGTERM raise here, wherever the main thread is, so every `finally` stops its
+    # peer. (asyncio.run's own SIGINT handling only cancels its task, which aiohttp can absorb.)
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="shorter and fewer runs, SF 0.1 (< 3 min)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 2,

@@ -115,7 +115,7 @@ def targets(out: dict) -> list[dict]:
     check("10M-row Arrow: duckfleet faster than Quack", d10 and q10, lambda: (d10, q10, d10 < q10), "seconds")
     peers = out.get("tpch", {}).get("peers", {})
     tf, ti = peers.get(fleet), peers.get("in-process-1thread")
-    sf = out.get("tpch", {}).get("scale_factor")
+    sf = out.get("tpch", {}).get("scale_factor") or out["plan"]["tpch_sf"]
     check(f"TPC-H SF{sf} sequential total <= 1.1 x in-process (1 thread a worker)",
           tf and ti and tf["complete"],
           lambda: (tf["sequential_total_s"], 1.1 * ti["sequential_total_s"],
