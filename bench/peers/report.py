@@ -36,6 +36,10 @@ FAITHFULNESS = """\
 - **In-process:** DuckDB in the benchmark process, `threads` = cores, one cursor per client
   thread: no network, no process boundary. The *ceiling* is N single-threaded DuckDB processes
   (N = duckfleet's workers) looping over the same mix with no HTTP at all.
+- **duckfleet runs its sandbox** (allowed_directories, enable_external_access = false, locked
+  configuration); the other peers do not. On the demo data the sandbox alone made a
+  `count(*)` over the 168 cpu files about 25% slower in a single DuckDB (22.7 ms against 28.5 ms,
+  measured once during development): part of duckfleet's per-query cost here is that.
 - **Client:** one asyncio aiohttp client (HTTP peers) or client threads (DuckDB peers) in the
   benchmark process, on the same cores as the server; its CPU share is reported per run.
 """
@@ -188,8 +192,20 @@ def markdown(out: dict) -> str:
         last = [r for c, r in rows.items() if c != "notes"][-1]
         procs = ", ".join(f"{k} {v:.0f}" for k, v in last["peak_rss_by_process_mb"].items())
         lines.append(f"- {peer}: {procs}")
-    if out.get("quack_attach"):
-        lines += ["", "Quack ATTACH mode probe: `" + json.dumps(out["quack_attach"]) + "`"]
+    probe = out.get("quack_attach")
+    if probe:
+        lines += ["", "Quack's ATTACH mode (probe, not benchmarked):", ""]
+        if not probe["attached"]:
+            lines.append(f"- ATTACH failed: {probe['error']}")
+        else:
+            lines.append(f"- sequential, every panel once: {probe['sequential_errors']} errors in "
+                         f"{probe['sequential_queries']}, p50 {_f(probe['sequential_p50_ms'])} ms; "
+                         + "; ".join(f"{n}x {k}" for k, n in probe["sequential_error_kinds"].items()))
+            for key, r in probe.items():
+                if key.startswith("c") and isinstance(r, dict):
+                    kinds = "; ".join(f"{n}x {k[:90]}" for k, n in r["error_kinds"].items())
+                    lines.append(f"- {key.replace('_', ' ')}: {r['errors']} errors in {r['requests']}, "
+                                 f"{_f(r['qps'])} QPS, p50 {_f(r['p50_ms'])} ms" + (f" ({kinds})" if kinds else ""))
     lines += ["", "## Large results", "",
               "Seconds (median), million rows a second; Arrow read into a pyarrow Table, JSON body "
               "received whole (not parsed).", "",
