@@ -1,0 +1,206 @@
+"""Run the whole peers benchmark and write its report.
+
+    python -m bench.peers [--quick] [--workers N] [--only dashboard,large,tpch]
+
+Writes bench/results/peers-<timestamp>/{report.md, report.json, *.png}. Exits 1 when a TPC-H
+result differs from in-process DuckDB's or duckfleet itself fails; missed targets are printed
+and reported, not fatal (they depend on the machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import sys
+import tempfile
+import time
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+
+import psutil
+
+from bench.common import RESULTS
+from bench.peers import report, servers, tpch, workloads
+from bench.peers.ceiling import ceiling_qps
+from bench.peers.datasets import demo_views, tpch_dataset, tpch_views
+from bench.peers.quack_probe import attach_probe
+from engine.demo import write_demo
+
+CACHE_CONFIG = "[query_cache]\nenabled = true\nttl_seconds = 60\n"
+
+
+def plan(quick: bool) -> dict:
+    if quick:
+        return {"concurrencies": [1, 32], "duration": 2.5, "runs": 1, "large_runs": 1,
+                "json_max_rows": 1_000_000, "tpch_sf": 0.1, "tpch_runs": 1}
+    return {"concurrencies": [1, 8, 32, 64], "duration": 6.0, "runs": 3, "large_runs": 3,
+            "json_max_rows": 10_000_000, "tpch_sf": 1, "tpch_runs": 3}
+
+
+def arc_memory_limit(workers: int) -> str:
+    """Arc's documented formula: memory_limit = RAM * 0.7 / workers."""
+    return f"{int(psutil.virtual_memory().total * 0.7 / workers / 2**20)}MB"
+
+
+def dashboard_peers(tmp: Path, data: Path, cores: int, workers: int):
+    """(name, context manager factory, also run large results?) in the order they run."""
+    boot = demo_views(data)
+    def fleet(n: int, cache: bool):
+        name = f"duckfleet-w{n}" + ("-cache" if cache else "")
+        return name, lambda: servers.duckfleet(name, tmp, data, n, CACHE_CONFIG if cache else ""), False
+
+    return [
+        (*fleet(workers, False)[:2], True),
+        fleet(2 * workers, False),
+        fleet(workers, True),
+        fleet(2 * workers, True),
+        # Arc as its Python tier shipped: 3 workers a core, 5 connections each, threads = cores.
+        ("arc-shipped", lambda: servers.arc_tier("arc-shipped", tmp, boot, 3 * cores, 5, cores), True),
+        # Arc as its production guide prescribes: pool 1, threads 1, RAM*0.7/workers.
+        ("arc-documented", lambda: servers.arc_tier("arc-documented", tmp, boot, workers, 1, 1,
+                                                    arc_memory_limit(workers)), True),
+        ("quack", lambda: servers.quack("quack", tmp, boot, cores), True),
+        ("in-process", lambda: servers.in_process("in-process", boot, cores), True),
+        ("in-process-1thread", lambda: servers.in_process("in-process-1thread", boot, 1), "large-only"),
+    ]
+
+
+def run_dashboard_and_large(tmp: Path, cfg: dict, cores: int, workers: int, only: set, epoch: float,
+                            out: dict) -> None:
+    data = tmp / "data"
+    write_demo(data)
+    for name, start, large in dashboard_peers(tmp, data, cores, workers):
+        want_dash = "dashboard" in only and large != "large-only"
+        want_large = "large" in only and large
+        if not (want_dash or want_large):
+            continue
+        print(f"[peers] {name}", flush=True)
+        try:
+            with start() as peer:
+                if name.startswith("duckfleet"):
+                    out["fleet_pids"] += peer.pids
+                if want_dash:
+                    out["dashboard"][name] = workloads.dashboard(
+                        peer, cfg["concurrencies"], cfg["duration"], cfg["runs"], epoch)
+                    out["dashboard"][name]["notes"] = peer.notes
+                if want_large:
+                    out["large"][name] = workloads.large_results(peer, cfg["large_runs"], cfg["json_max_rows"])
+                if name == "quack" and want_dash:
+                    out["quack_attach"] = attach_probe(peer, epoch)
+        except Exception as exc:
+            message = _first_error_line(exc)
+            print(f"[peers] {name}: unavailable: {message}", flush=True)
+            out["unavailable"][name] = message
+            if name.startswith("duckfleet") and not name.endswith("-cache"):
+                raise
+    if "dashboard" in only:
+        boot = demo_views(data)
+        for processes in (workers, 2 * workers):
+            runs = [ceiling_qps(boot, processes, cfg["duration"], epoch, seed=r) for r in range(cfg["runs"])]
+            qps = sorted(r["qps"] for r in runs)[len(runs) // 2]
+            out["ceiling"][str(processes)] = {"qps": qps, "runs": [r["qps"] for r in runs]}
+            print(f"[peers] ceiling, {processes} processes: {qps:.1f} QPS", flush=True)
+
+
+def _first_error_line(exc: Exception) -> str:
+    """The error a server logged as it refused to start (a JSON log line), else the first line."""
+    text = str(exc)
+    for line in text.splitlines():
+        with contextlib.suppress(ValueError, AttributeError):
+            record = json.loads(line)
+            if record.get("error"):
+                return str(record["error"])[:300]
+    return (text.splitlines() or [type(exc).__name__])[0][:300]
+
+
+def run_tpch(tmp: Path, cfg: dict, cores: int, workers: int, out: dict) -> None:
+    data, queries = tpch_dataset(cfg["tpch_sf"])
+    boot = tpch_views(data)
+    out["tpch"] = {"scale_factor": cfg["tpch_sf"], "peers": {}}
+    fleet_config = '[catalog]\ndefault_database = "tpch"\ndemo = false\n[queue]\nqueue_timeout_s = 600\n'
+    with servers.in_process("in-process-1thread", boot, 1) as ref_peer:
+        print("[peers] tpch reference: in-process-1thread", flush=True)
+        reference = tpch.reference_tables(ref_peer, queries)
+        out["tpch"]["peers"]["in-process-1thread"] = tpch.run(ref_peer, queries, reference, cfg["tpch_runs"])
+        peers = [
+            ("in-process", lambda: servers.in_process("in-process", boot, cores)),
+            (f"duckfleet-w{workers}", lambda: servers.duckfleet(f"tpch-duckfleet-w{workers}", tmp, data,
+                                                                workers, fleet_config)),
+            ("arc-documented", lambda: servers.arc_tier("tpch-arc-documented", tmp, boot, workers, 1, 1,
+                                                        arc_memory_limit(workers))),
+            ("quack", lambda: servers.quack("tpch-quack", tmp, boot, cores)),
+        ]
+        for name, start in peers:
+            print(f"[peers] tpch {name}", flush=True)
+            runs = cfg["tpch_runs"] if name.startswith("duckfleet") else 1
+            try:
+                with start() as peer:
+                    if name.startswith("duckfleet"):
+                        out["fleet_pids"] += peer.pids
+                    out["tpch"]["peers"][name] = tpch.run(peer, queries, reference, runs)
+            except Exception as exc:
+                out["unavailable"][f"tpch {name}"] = _first_error_line(exc)
+                if name.startswith("duckfleet"):
+                    raise
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def main(argv=None) -> int:
+    # Ctrl-C and SIGTERM raise here, wherever the main thread is, so every `finally` stops its
+    # peer. (asyncio.run's own SIGINT handling only cancels its task, which aiohttp can absorb.)
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="shorter and fewer runs, SF 0.1 (< 3 min)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 2,
+                        help="duckfleet workers for the main point (default: one per core)")
+    parser.add_argument("--only", default="dashboard,large,tpch", help="comma-separated workloads")
+    args = parser.parse_args(argv)
+    cfg = plan(args.quick)
+    cores = os.cpu_count() or 2
+    only = set(args.only.split(","))
+    stamp = datetime.now(timezone.utc)
+    folder = RESULTS / f"peers-{stamp:%Y%m%dT%H%M%SZ}{'-quick' if args.quick else ''}"
+    out = {"started": stamp.isoformat(), "quick": args.quick, "plan": cfg, "workers": args.workers,
+           "machine": report.machine(), "dashboard": {}, "large": {}, "ceiling": {}, "tpch": {},
+           "unavailable": {}, "failure": None, "fleet_pids": []}
+    epoch = time.time()
+    began = time.perf_counter()
+    code = 0
+    try:
+        with tempfile.TemporaryDirectory(prefix="duckfleet-peers-") as tmp:
+            if only & {"dashboard", "large"}:
+                run_dashboard_and_large(Path(tmp), cfg, cores, args.workers, only, epoch, out)
+            if "tpch" in only:
+                run_tpch(Path(tmp), cfg, cores, args.workers, out)
+    except KeyboardInterrupt:
+        out["failure"] = "interrupted"
+        code = 130
+    except Exception:
+        out["failure"] = traceback.format_exc()
+        print(out["failure"], file=sys.stderr)
+        code = 1
+    out["elapsed_s"] = time.perf_counter() - began
+    out["left_behind"] = servers.leftovers(out["fleet_pids"])
+    if out["left_behind"]["processes"] or out["left_behind"]["segments"]:
+        print(f"left behind: {out['left_behind']}", file=sys.stderr)
+        code = code or 1
+    out["targets"] = report.targets(out)
+    if any(p.get("mismatches") for p in out.get("tpch", {}).get("peers", {}).values()):
+        code = code or 1
+    with contextlib.suppress(Exception) if code == 130 else contextlib.nullcontext():
+        path = report.write(folder, out)
+        print(report.summary_text(out))
+        print(f"\nreport: {path}")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
