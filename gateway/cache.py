@@ -203,7 +203,7 @@ class QueryCache:
         if analysis.shape is None or ttl <= 0:
             self.bypassed += 1
             return None
-        return CacheKey(analysis.shape, fmt, msgspec.json.encode(params or []),
+        return CacheKey(analysis.shape, fmt, msgspec.msgpack.encode(params or []),
                         tuple(sorted(scope)) if scope is not None else None,
                         analysis.tables, ttl)
 

@@ -1,0 +1,116 @@
+"""Result cache benchmark, in one run:
+
+    python -m bench.cache [--quick] [--workers 2]
+
+1. The dashboard mix (bench/peers/dashboard.py: 20 panels, live windows aligned to the minute)
+   at concurrency 32, closed loop, against duckfleet with the cache off and then on (TTL 60 s,
+   as Arc's guide recommends): QPS, p50, p99, and the cache's own counts.
+2. A cache hit's latency over loopback HTTP (one keep-alive client, sequential) against
+   `SELECT 1` in in-process DuckDB (threads=1, back to back) and against GET /health, the
+   floor of the HTTP stack itself.
+
+Writes bench/results/cache.json. Bounded in count and time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import duckdb
+
+from bench.common import percentile, write_report
+from bench.peers import servers, workloads
+from bench.peers.dashboard import NOW0, PANELS, WINDOWS, panel_sql
+from engine.demo import write_demo
+
+CACHE_ON = "[query_cache]\nenabled = true\nttl_seconds = 60\n"
+
+
+def mix(tmp: Path, data: Path, workers: int, cache: bool, duration: float, runs: int) -> dict:
+    name = f"duckfleet-cache-{'on' if cache else 'off'}"
+    with servers.duckfleet(name, tmp, data, workers, CACHE_ON if cache else "") as peer:
+        out = workloads.dashboard(peer, [32], duration, runs, epoch=time.time())["32"]
+        out["cache"] = json.loads(_request(peer.port, "GET", "/api/v1/cache/stats")[1])
+    return out
+
+
+def _request(port: int, method: str, path: str, body: bytes | None = None,
+             conn: http.client.HTTPConnection | None = None) -> tuple[int, bytes, dict]:
+    conn = conn or http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.request(method, path, body=body, headers={"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    return resp.status, resp.read(), dict(resp.getheaders())
+
+
+def sequential_ms(fn, count: int) -> list[float]:
+    for _ in range(count // 10):  # warm
+        fn()
+    times = []
+    for _ in range(count):
+        started = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - started) * 1000)
+    return times
+
+
+def hit_latency(tmp: Path, data: Path, workers: int, count: int) -> dict:
+    sql = panel_sql(next(iter(PANELS)), NOW0, next(iter(WINDOWS)))
+    body = json.dumps({"sql": sql}).encode()
+    with servers.duckfleet("duckfleet-hits", tmp, data, workers, CACHE_ON) as peer:
+        conn = http.client.HTTPConnection("127.0.0.1", peer.port, timeout=60)
+
+        def hit():
+            status, _, headers = _request(peer.port, "POST", "/api/v1/query", body, conn)
+            assert status == 200 and headers["X-Cache"] == "hit", (status, headers)
+
+        _request(peer.port, "POST", "/api/v1/query", body, conn)  # the miss
+        hits = sequential_ms(hit, count)
+        health = sequential_ms(lambda: _request(peer.port, "GET", "/health", None, conn), count)
+    con = duckdb.connect(config={"threads": 1})
+    select_1 = sequential_ms(lambda: con.execute("SELECT 1").fetchall(), count)
+    summary = lambda ts: {"p50_ms": percentile(ts, 50), "p99_ms": percentile(ts, 99),  # noqa: E731
+                          "mean_ms": statistics.fmean(ts), "count": len(ts)}
+    out = {"hit": summary(hits), "health": summary(health), "in_process_select_1": summary(select_1)}
+    out["hit_p50_over_select_1_p50"] = out["hit"]["p50_ms"] / out["in_process_select_1"]["p50_ms"]
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 2)
+    args = parser.parse_args(argv)
+    duration, runs, count = (3.0, 1, 500) if args.quick else (10.0, 3, 3000)
+    with tempfile.TemporaryDirectory(prefix="duckfleet-cache-bench-") as tmp:
+        tmp = Path(tmp)
+        data = tmp / "data"
+        write_demo(data)
+        report = {"workers": args.workers, "concurrency": 32, "duration_s": duration, "runs": runs,
+                  "cache_off": mix(tmp, data, args.workers, False, duration, runs),
+                  "cache_on": mix(tmp, data, args.workers, True, duration, runs),
+                  "latency": hit_latency(tmp, data, args.workers, count)}
+    off, on = report["cache_off"], report["cache_on"]
+    report["qps_ratio_on_over_off"] = on["qps"] / off["qps"]
+    for label, r in (("cache off", off), ("cache on", on)):
+        print(f"c=32 {label}: {r['qps']:.1f} QPS, p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, "
+              f"errors {r['errors']}/{r['requests']}")
+    print(f"cache on: {on['cache']['hits']} hits, {on['cache']['misses']} misses, "
+          f"{on['cache']['coalesced']} coalesced; QPS on/off = {report['qps_ratio_on_over_off']:.1f}")
+    lat = report["latency"]
+    print(f"hit over HTTP p50 {lat['hit']['p50_ms']:.3f} ms (p99 {lat['hit']['p99_ms']:.3f}); "
+          f"GET /health p50 {lat['health']['p50_ms']:.3f} ms; in-process SELECT 1 p50 "
+          f"{lat['in_process_select_1']['p50_ms']:.3f} ms; hit / SELECT 1 = "
+          f"{lat['hit_p50_over_select_1_p50']:.2f}")
+    print(f"wrote {write_report('cache', report)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
