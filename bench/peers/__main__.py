@@ -3,8 +3,9 @@
     python -m bench.peers [--quick] [--workers N] [--only dashboard,large,tpch]
 
 Writes bench/results/peers-<timestamp>/{report.md, report.json, *.png}. Exits 1 when a TPC-H
-result differs from in-process DuckDB's or duckfleet itself fails; missed targets are printed
-and reported, not fatal (they depend on the machine).
+result differs from in-process DuckDB's, when duckfleet itself fails, or when a process or a
+shared-memory segment is left behind; missed targets are printed and reported, not fatal
+(they depend on the machine).
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ import sys
 import tempfile
 import time
 import traceback
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 import psutil
 
@@ -46,26 +49,35 @@ def arc_memory_limit(workers: int) -> str:
     return f"{int(psutil.virtual_memory().total * 0.7 / workers / 2**20)}MB"
 
 
-def dashboard_peers(tmp: Path, data: Path, cores: int, workers: int):
-    """(name, context manager factory, also run large results?) in the order they run."""
+@dataclass(frozen=True)
+class Spec:
+    """A peer to start, and which of the demo-data workloads it runs."""
+    name: str
+    start: Callable
+    dashboard: bool = True
+    large: bool = True
+
+
+def demo_peers(tmp: Path, data: Path, cores: int, workers: int) -> list[Spec]:
     boot = demo_views(data)
-    def fleet(n: int, cache: bool):
+
+    def fleet(n: int, cache: bool, large: bool = False) -> Spec:
         name = f"duckfleet-w{n}" + ("-cache" if cache else "")
-        return name, lambda: servers.duckfleet(name, tmp, data, n, CACHE_CONFIG if cache else ""), False
+        return Spec(name, lambda: servers.duckfleet(name, tmp, data, n, CACHE_CONFIG if cache else ""),
+                    large=large)
 
     return [
-        (*fleet(workers, False)[:2], True),
-        fleet(2 * workers, False),
-        fleet(workers, True),
-        fleet(2 * workers, True),
+        fleet(workers, False, large=True), fleet(2 * workers, False),
+        fleet(workers, True), fleet(2 * workers, True),
         # Arc as its Python tier shipped: 3 workers a core, 5 connections each, threads = cores.
-        ("arc-shipped", lambda: servers.arc_tier("arc-shipped", tmp, boot, 3 * cores, 5, cores), True),
+        Spec("arc-shipped", lambda: servers.arc_tier("arc-shipped", tmp, boot, 3 * cores, 5, cores)),
         # Arc as its production guide prescribes: pool 1, threads 1, RAM*0.7/workers.
-        ("arc-documented", lambda: servers.arc_tier("arc-documented", tmp, boot, workers, 1, 1,
-                                                    arc_memory_limit(workers)), True),
-        ("quack", lambda: servers.quack("quack", tmp, boot, cores), True),
-        ("in-process", lambda: servers.in_process("in-process", boot, cores), True),
-        ("in-process-1thread", lambda: servers.in_process("in-process-1thread", boot, 1), "large-only"),
+        Spec("arc-documented", lambda: servers.arc_tier("arc-documented", tmp, boot, workers, 1, 1,
+                                                        arc_memory_limit(workers))),
+        Spec("quack", lambda: servers.quack("quack", tmp, boot, cores)),
+        Spec("in-process", lambda: servers.in_process("in-process", boot, cores)),
+        Spec("in-process-1thread", lambda: servers.in_process("in-process-1thread", boot, 1),
+             dashboard=False),
     ]
 
 
@@ -73,14 +85,15 @@ def run_dashboard_and_large(tmp: Path, cfg: dict, cores: int, workers: int, only
                             out: dict) -> None:
     data = tmp / "data"
     write_demo(data)
-    for name, start, large in dashboard_peers(tmp, data, cores, workers):
-        want_dash = "dashboard" in only and large != "large-only"
-        want_large = "large" in only and large
+    for spec in demo_peers(tmp, data, cores, workers):
+        name = spec.name
+        want_dash = "dashboard" in only and spec.dashboard
+        want_large = "large" in only and spec.large
         if not (want_dash or want_large):
             continue
         print(f"[peers] {name}", flush=True)
         try:
-            with start() as peer:
+            with spec.start() as peer:
                 if name.startswith("duckfleet"):
                     out["fleet_pids"] += peer.pids
                 if want_dash:

@@ -50,6 +50,7 @@ def tpch_dataset(sf: float) -> tuple[Path, dict[int, str]]:
         shutil.rmtree(cache, ignore_errors=True)
         try:
             con = duckdb.connect()
+            con.execute("SET enable_progress_bar = false")
             load(con, "tpch")
             con.execute(f"CALL dbgen(sf={sf})")
             for table in TPCH_TABLES:

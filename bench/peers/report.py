@@ -261,6 +261,14 @@ def summary_text(out: dict) -> str:
 
 # --- plots ---
 
+def _concurrency_ticks(ax, rows: dict) -> None:
+    from matplotlib.ticker import NullFormatter, NullLocator
+    ticks = sorted({c for by_c in rows.values() for c in by_c})
+    ax.set_xticks(ticks, [str(c) for c in ticks])
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
 def plots(out: dict, folder: Path) -> list[Path]:
     import matplotlib
     matplotlib.use("Agg")
@@ -278,6 +286,7 @@ def plots(out: dict, folder: Path) -> list[Path]:
                 label=f"{peer} p99")
     ax.set(xscale="log", yscale="log", xlabel="concurrent clients", ylabel="latency (ms)",
            title="Dashboard mix: latency against concurrency")
+    _concurrency_ticks(ax, rows)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     written.append(folder / "latency.png")
@@ -293,6 +302,7 @@ def plots(out: dict, folder: Path) -> list[Path]:
         ax.annotate(f"ceiling, {n} processes", (1, row["qps"]), fontsize=7)
     ax.set(xscale="log", xlabel="concurrent clients", ylabel="queries per second",
            title="Dashboard mix: throughput against concurrency")
+    _concurrency_ticks(ax, rows)
     ax.legend(fontsize=7)
     fig.tight_layout()
     written.append(folder / "throughput.png")

@@ -28,7 +28,9 @@ def warm(peer: Peer) -> None:
             if status != 200:
                 raise RuntimeError(f"{peer.name} warm-up: {status} {body[:300]!r}")
         else:
-            peer.cursor().execute(peer.sql_for(sql)).fetchall()
+            cursor = peer.cursor()
+            cursor.execute(peer.sql_for(sql)).fetchall()
+            cursor.close()
 
 
 def dashboard(peer: Peer, concurrencies: list[int], duration: float, runs: int, epoch: float) -> dict:
