@@ -16,6 +16,7 @@ sees a truncated transfer, never a silently short result.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import time
 
@@ -109,19 +110,12 @@ async def send_entry(request: web.Request, entry: Entry, fmt: str, cache_state: 
     response = web.StreamResponse(headers=headers)
     response.content_length = entry.length + len(tail)
     writer = await response.prepare(request)
-    transport = request.transport
-    if transport is None:
-        raise ConnectionResetError("client went away")
-    transport.set_write_buffer_limits(high=0)
-    try:
+    with _unbuffered(request) as transport:
         async with asyncio.timeout(send_timeout):
             await writer.drain()  # the headers: sendfile writes behind the transport's back
         for segment, length in entry.segments:
             await sendfile(transport, segment.fd, 0, length, send_timeout)
             writer.output_size += length
-    finally:
-        if not transport.is_closing():
-            transport.set_write_buffer_limits()
     if tail:
         await response.write(tail)
     await response.write_eof()
@@ -182,16 +176,24 @@ async def _send_whole(request, job: Job, fmt: str, segment: Segment, length: int
 async def _send_view(request: web.Request, response: web.StreamResponse, writer,
                      view: memoryview, send_timeout: float) -> None:
     """Write view and wait until the kernel has all of it (see the module docstring)."""
-    transport = request.transport
-    if transport is None:
-        raise ConnectionResetError("client went away")
-    transport.set_write_buffer_limits(high=0)
-    try:
+    with _unbuffered(request):
         for offset in range(0, len(view), SLICE):
             async with asyncio.timeout(send_timeout):
                 await response.write(view[offset:offset + SLICE])
         async with asyncio.timeout(send_timeout):
             await writer.drain()  # with the limit at zero: until the kernel has every byte
+
+
+@contextlib.contextmanager
+def _unbuffered(request: web.Request):
+    """The transport with its write-buffer limit at zero, so a drain waits until the kernel
+    holds every byte written; the default limits come back afterwards."""
+    transport = request.transport
+    if transport is None:
+        raise ConnectionResetError("client went away")
+    transport.set_write_buffer_limits(high=0)
+    try:
+        yield transport
     finally:
         if not transport.is_closing():
             transport.set_write_buffer_limits()
