@@ -193,14 +193,14 @@ class QueryCache:
 
     # --- keys ---
 
-    def key(self, sql: str, fmt: str, params: list | None,
-            scope: list[str] | None) -> CacheKey | None:
-        """The key of a cacheable query, else None (and counted as bypassed)."""
-        analysis = self.analyzer.analyze(sql)
+    def key(self, sql: str, fmt: str, params: list | None, scope: list[str] | None,
+            wanted: bool = True) -> CacheKey | None:
+        """The key of a cacheable query the caller wants cached, else None (counted as bypassed)."""
+        analysis = self.analyzer.analyze(sql) if wanted else None
         ttl = self.cfg.ttl_seconds
-        if analysis.volatile:
+        if analysis is not None and analysis.volatile:
             ttl = min(ttl, self.cfg.volatile_ttl_seconds)
-        if analysis.shape is None or ttl <= 0:
+        if analysis is None or analysis.shape is None or ttl <= 0:
             self.bypassed += 1
             return None
         return CacheKey(analysis.shape, fmt, msgspec.msgpack.encode(params or []),

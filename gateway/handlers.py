@@ -100,9 +100,8 @@ async def run_query(request: web.Request, fmt: str | None, priority: str) -> web
     cache = request.app.get(CACHE)
     if cache is None:
         return await run.execute()
-    key = cache.key(query.sql, fmt, query.params, run.databases) if query.cache else None
+    key = cache.key(query.sql, fmt, query.params, run.databases, wanted=query.cache)
     if key is None:
-        cache.bypassed += not query.cache
         return await run.execute(cache_state="bypass")
     return await run.cached(cache, key)
 
