@@ -4,7 +4,10 @@ Pure: builds the statements a worker runs at boot, before any user SQL. Layout u
 <database>/<measurement>/YYYY/MM/DD/HH/*.parquet. Each database becomes a schema holding one
 view per measurement; the default database comes first on the search path, so `cpu` and
 `"default".cpu` name the same table (DuckDB reserves the word default, hence the quotes).
-Views read the file list at query time, so new files are visible to the next query.
+Views read the file list at query time, so new files are visible to the next query, and read
+it by name (union_by_name), so a table is the union of its files' columns as its schema grows.
+Which directories are tables is decided by engine/index.py's rules (a directory named
+x.parquet is not a file). Queries the gateway prunes read explicit file lists instead.
 
 A worker may also load a part of the catalog: only the given databases (Arc databases and
 attached ones, by name), for a token limited to them. `directories` then names only those
@@ -14,12 +17,10 @@ else under data_dir can be read by any route, views or table functions alike.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from engine.config import CatalogConfig
-
-NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
+from engine.index import table_keys
 
 
 def quote_ident(name: str) -> str:
@@ -32,15 +33,10 @@ def _literal(text: str) -> str:
 
 def databases(data_dir: str) -> dict[str, list[str]]:
     """{database: [measurement, ...]} for every directory pair with a valid name."""
-    root = Path(data_dir)
-    if not root.is_dir():
-        return {}
-    found = {}
-    for db in sorted(p for p in root.iterdir() if p.is_dir() and NAME.match(p.name)):
-        measurements = sorted(m.name for m in db.iterdir() if m.is_dir() and NAME.match(m.name)
-                              and next(m.rglob("*.parquet"), None) is not None)
-        if measurements:
-            found[db.name] = measurements
+    found: dict[str, list[str]] = {}
+    for key in table_keys(data_dir):
+        db, measurement = key.split("/")
+        found.setdefault(db, []).append(measurement)
     return found
 
 
@@ -64,7 +60,7 @@ def boot_statements(catalog: CatalogConfig, scope: list[str] | None = None) -> l
         for m in measurements:
             files = str(Path(catalog.data_dir, db, m)) + "/**/*.parquet"
             statements.append(f"CREATE VIEW {quote_ident(db)}.{quote_ident(m)} AS "
-                              f"SELECT * FROM read_parquet({_literal(files)})")
+                              f"SELECT * FROM read_parquet({_literal(files)}, union_by_name = true)")
     for name, path in catalog.databases.items():
         if _in_scope(name, scope):
             statements.append(f"ATTACH {_literal(path)} AS {quote_ident(name)} (READ_ONLY)")

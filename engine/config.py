@@ -115,6 +115,9 @@ class AuthConfig(_Section):
 class CatalogConfig(_Section):
     data_dir: str = "data"
     default_database: str = "default"
+    time_column: str = "time"  # what pruning reads: files' min/max of it skip whole files
+    index_file: str = ""  # "" = <data_dir>/.duckfleet-index; kept across restarts
+    analyze_max_kb: PositiveInt = 64  # longer SQL runs as sent: not analyzed, cached or pruned
     demo: bool = True  # write the demo dataset when data_dir holds no database
     views: dict[str, str] = {}
     databases: dict[str, str] = {}  # name -> DuckDB file, attached read-only
@@ -211,6 +214,7 @@ def _resolve_paths(config: Config, base: Path) -> Config:
     catalog = msgspec.structs.replace(
         catalog,
         data_dir=resolve(catalog.data_dir),
+        index_file=resolve(catalog.index_file),
         databases={name: resolve(p) for name, p in catalog.databases.items()},
     )
     server = msgspec.structs.replace(config.server, unix_socket=resolve(config.server.unix_socket),

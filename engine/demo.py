@@ -76,5 +76,37 @@ def write_demo(data_dir: Path) -> int:
     return rows
 
 
+def write_history(data_dir: Path, end: datetime, hours: int, database: str = DATABASE,
+                  measurement: str = "cpu", evolved_hours: int = 0, hosts: int = HOSTS) -> int:
+    """A long history for pruning tests and benchmarks: one file per hour for `hours` hours up
+    to `end` (exclusive, truncated to the hour), `hosts` hosts x 36 samples (every 100 s) a file.
+    The last `evolved_hours` files have an evolved schema: a new field usage_idle, no region.
+    Written with pyarrow (thousands of files in seconds); values are pure functions of time."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    end = end.replace(minute=0, second=0, microsecond=0)
+    names = [f"server{h + 1:02d}" for h in range(hosts)]
+    regions = [["us-east", "us-west", "eu-west"][h % 3] for h in range(hosts)]
+    rows = 0
+    for n in range(hours):
+        hour = end - timedelta(hours=hours - n)
+        base = int(hour.timestamp()) * 1_000_000
+        times = [base + i * 100_000_000 for i in range(36) for _ in range(hosts)]
+        user = [round(35 + 25 * ((t // 1_000_000 + h) % 97) / 97, 2)
+                for t, h in zip(times, list(range(hosts)) * 36)]
+        columns = {"time": pa.array(times, pa.timestamp("us")), "host": names * 36,
+                   "region": regions * 36, "usage_user": user,
+                   "usage_system": [round(u / 4, 2) for u in user]}
+        if n >= hours - evolved_hours:
+            del columns["region"]
+            columns["usage_idle"] = [round(100 - u, 2) for u in user]
+        folder = data_dir / database / measurement / hour.strftime("%Y/%m/%d/%H")
+        folder.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.table(columns), folder / f"{measurement}_{hour:%Y%m%d%H}.parquet")
+        rows += len(times)
+    return rows
+
+
 if __name__ == "__main__":
     print(write_demo(Path(sys.argv[1])))

@@ -13,8 +13,8 @@ so capacity never dips. A worker silent past its deadline is killed and replaced
 
 Signals (handlers only queue them; the loop does the work), as Gunicorn's:
 SIGTERM graceful stop (the gateway drains within shutdown_grace_s); SIGINT, SIGQUIT quick stop;
-SIGHUP reload engine.toml and replace the workers one by one; SIGTTIN / SIGTTOU one worker
-more / fewer; SIGUSR1 reopen log files; SIGCHLD reap. Children die with the supervisor
+SIGHUP reload engine.toml, replace the workers one by one and have the gateway read [catalog]
+again; SIGTTIN / SIGTTOU one worker more / fewer; SIGUSR1 reopen log files; SIGCHLD reap. Children die with the supervisor
 (PR_SET_PDEATHSIG), and the next start sweeps their sockets and segments. Crashing workers are
 respawned with exponential backoff; a worker that cannot boot stops the server.
 """
@@ -64,8 +64,10 @@ class Child:
 
 
 class Supervisor:
-    def __init__(self, cfg: config_mod.Config, config_path: str | None, overrides: dict):
+    def __init__(self, cfg: config_mod.Config, config_path: str | None, overrides: dict,
+                 demo: bool = False):
         self.cfg = cfg
+        self.demo = demo  # --demo: write the demo dataset into an empty data directory
         self.config_path = config_path
         self.overrides = overrides
         self.pid = os.getpid()
@@ -104,7 +106,8 @@ class Supervisor:
         log.info("listening", host=host, port=port, unix_socket=self.cfg.server.unix_socket or None,
                  runtime_dir=str(self.runtime), workers=self.cfg.worker_count,
                  memory_limit_bytes=self.memory_limit, memory_plan=plan.describe())
-        ensure_demo_data(self.cfg.catalog)
+        ensure_demo_data(self.cfg.catalog, self.demo)
+        build_index(self.cfg)
 
     def write_config(self) -> None:
         config_file = self.runtime / "config.json"
@@ -339,6 +342,8 @@ class Supervisor:
         cfg = msgspec.structs.replace(cfg, **{s: getattr(self.cfg, s) for s in fixed})
         self.cfg, self.memory_limit = cfg, plan.worker_limit
         self.write_config()
+        for gateway in [c for c in self.children.values() if c.role == "gateway"]:
+            _signal(gateway.pid, signal.SIGHUP)  # it reads [catalog] again
         log.info("reloading", workers=cfg.worker_count)
         for old in sorted(self._workers(), key=lambda c: c.slot):
             if old.slot >= cfg.worker_count:
@@ -447,14 +452,31 @@ def sweep_dead_runtime_dirs(base: Path) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def ensure_demo_data(catalog_cfg: config_mod.CatalogConfig) -> None:
-    if not catalog_cfg.demo or catalog.databases(catalog_cfg.data_dir):
+def ensure_demo_data(catalog_cfg: config_mod.CatalogConfig, asked: bool) -> None:
+    """The demo dataset goes only where asked for (--demo), or into the configured data_dir
+    when `demo = true` and it does not exist yet; an empty directory is served empty."""
+    data_dir = Path(catalog_cfg.data_dir)
+    if catalog.databases(data_dir):
+        return
+    if not asked and (data_dir.exists() or not catalog_cfg.demo):
+        log.warning("data_dir_empty", data_dir=str(data_dir),
+                    hint="no <database>/<measurement>/**/*.parquet yet: tables appear as files "
+                         "arrive (python -m engine.supervisor --demo writes a demo dataset)")
         return
     log.info("writing_demo_data", data_dir=catalog_cfg.data_dir)
     started = time.monotonic()
     subprocess.run([sys.executable, "-m", "engine.demo", catalog_cfg.data_dir], check=True,
                    stdout=subprocess.DEVNULL)
     log.info("demo_data_written", seconds=round(time.monotonic() - started, 2))
+
+
+def build_index(cfg: config_mod.Config) -> None:
+    """The file index, before anything serves: read in a child (pyarrow, no DuckDB here),
+    which logs progress and writes the index file the gateway then loads."""
+    catalog_cfg = cfg.catalog
+    subprocess.run([sys.executable, "-m", "engine.index", catalog_cfg.data_dir,
+                    catalog_cfg.time_column, catalog_cfg.index_file, cfg.server.log_level,
+                    cfg.server.log_file], check=True, stdin=subprocess.DEVNULL)
 
 
 def parse_args(argv=None) -> tuple[argparse.Namespace, dict]:
@@ -464,10 +486,15 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, dict]:
     parser.add_argument("--host")
     parser.add_argument("--port", type=int)
     parser.add_argument("--workers", type=int, help="worker processes (default: one per core)")
-    parser.add_argument("--data-dir", help="catalog data directory")
+    parser.add_argument("--data-dir", help="catalog data directory (must exist)")
+    parser.add_argument("--demo", action="store_true",
+                        help="write the demo dataset into the data directory if it holds none")
     args = parser.parse_args(argv)
     overrides: dict[str, dict] = {}
     data_dir = str(Path(args.data_dir).resolve()) if args.data_dir else None
+    if data_dir and not args.demo and not Path(data_dir).is_dir():
+        parser.exit(2, f"--data-dir: {data_dir} is not a directory (add --demo to create it "
+                       "with the demo dataset)\n")
     for section, key, value in (("server", "host", args.host), ("server", "port", args.port),
                                 ("workers", "count", args.workers),
                                 ("catalog", "data_dir", data_dir)):
@@ -484,7 +511,7 @@ def main(argv=None) -> int:
     try:
         cfg = config_mod.load(path, overrides=overrides)
         log = log_mod.setup("supervisor", cfg.server.log_level, cfg.server.log_file)
-        supervisor = Supervisor(cfg, path, overrides)
+        supervisor = Supervisor(cfg, path, overrides, args.demo)
         supervisor.prepare()
     except (config_mod.ConfigError, OSError, subprocess.CalledProcessError) as exc:
         log.error("cannot_start", error=str(exc))

@@ -3,6 +3,8 @@
 import os
 import signal
 import stat
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -11,7 +13,7 @@ import psutil
 import pytest
 
 from engine.memory import system_memory_bytes
-from tests.harness import assert_no_leaks, fleet_segments, wait_for
+from tests.harness import REPO, assert_no_leaks, fleet_segments, wait_for
 
 SLOW_SQL = "SELECT sum(i) AS s FROM range(1000000000) t(i)"  # about 2 s on one thread
 SLOW_SUM = 999_999_999 * 1_000_000_000 // 2
@@ -206,9 +208,27 @@ def test_unix_socket_http(make_server, tmp_path):
     assert not path.exists()
 
 
-def test_demo_data_written_on_first_start(make_server, tmp_path):
+def test_demo_data_written_when_asked(make_server, tmp_path):
     data = tmp_path / "fresh-data"
-    srv = make_server(data_dir=data).start()
+    srv = make_server(data_dir=data, args=["--demo"]).start()
     assert srv.query("SELECT count(*) FROM cpu").json()["data"] == [[336_000]]
     assert sorted(p.name for p in (data / "default").iterdir()) == ["cpu", "disk", "mem"]
-    assert [p.name for p in data.iterdir()] == ["default"]  # no staging dir left
+    # No staging directory left; the file index is the only other entry.
+    assert sorted(p.name for p in data.iterdir()) == [".duckfleet-index", "default"]
+
+
+def test_missing_data_dir_is_an_error(tmp_path):
+    missing = tmp_path / "no-such-dir"
+    done = subprocess.run([sys.executable, "-m", "engine.supervisor", "--data-dir", str(missing),
+                           "--port", "0"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "is not a directory" in done.stderr
+    assert not missing.exists()
+
+
+def test_empty_data_dir_starts_with_a_warning(make_server, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    srv = make_server(data_dir=empty).start()
+    assert srv.event("data_dir_empty")["data_dir"] == str(empty)
+    assert not (empty / "default").exists()
+    assert srv.query("SELECT 1 AS x").json()["data"] == [[1]]
