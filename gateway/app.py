@@ -26,12 +26,13 @@ from engine import config as config_mod, log as log_mod, shm
 from engine.process import die_with_parent
 from gateway import access, auth, handlers, ratelimit
 from gateway.cache import QueryCache
+from gateway.catalog import Catalog
 from gateway.fleet import Fleet
 from gateway.metrics import Metrics
-from gateway.sqlkey import SqlAnalyzer
 
 
-def make_app(fleet: Fleet, cfg: config_mod.Config, cache: QueryCache | None = None) -> web.Application:
+def make_app(fleet: Fleet, cfg: config_mod.Config, catalog: Catalog,
+             cache: QueryCache | None = None) -> web.Application:
     """Middlewares, outermost first: observe (request id, access log, metrics), errors (JSON
     errors), auth (when enabled), rate limit (when enabled); then the handler."""
     middlewares = [access.observe, handlers.errors_middleware]
@@ -43,6 +44,7 @@ def make_app(fleet: Fleet, cfg: config_mod.Config, cache: QueryCache | None = No
     app = web.Application(client_max_size=cfg.server.max_body_kb * 1024, middlewares=middlewares)
     app[handlers.FLEET] = fleet
     app[handlers.CONFIG] = cfg
+    app[handlers.CATALOG] = catalog
     if cache is not None:
         app[handlers.CACHE] = cache
     app[access.METRICS] = Metrics(fleet.stats, cache.stats if cache else None)
@@ -52,11 +54,9 @@ def make_app(fleet: Fleet, cfg: config_mod.Config, cache: QueryCache | None = No
     return app
 
 
-def make_cache(cfg: config_mod.Config, segments: shm.SegmentPool) -> QueryCache:
-    catalog = cfg.catalog
-    analyzer = SqlAnalyzer(catalog.default_database,
-                           frozenset(catalog.databases) | frozenset(catalog.views))
-    cache = QueryCache(cfg.query_cache, segments, analyzer, catalog.data_dir)
+def make_cache(cfg: config_mod.Config, segments: shm.SegmentPool, catalog: Catalog) -> QueryCache:
+    cache = QueryCache(cfg.query_cache, segments)
+    catalog.listeners.append(cache.invalidate)
     cache.start()
     return cache
 
@@ -74,7 +74,9 @@ async def serve(runtime: Path, supervisor_pid: int, listen_fds: list[int]) -> No
                   query_timeout=queue.query_timeout_s, cancel_grace=queue.cancel_grace_s,
                   aging=queue.priority_aging_s, max_result_bytes=results.max_result_mb * 2**20,
                   batch_rows=results.batch_rows, stream_buffer=results.stream_buffer_mb * 2**20)
-    cache = make_cache(cfg, segments) if cfg.query_cache.enabled else None
+    catalog = Catalog(cfg.catalog)
+    await catalog.start()  # the supervisor built the index file: this loads and checks it
+    cache = make_cache(cfg, segments, catalog) if cfg.query_cache.enabled else None
     worker_socket = runtime / "workers.sock"
     worker_socket.unlink(missing_ok=True)
     old_umask = os.umask(0o177)  # the socket file is created 0600
@@ -84,7 +86,7 @@ async def serve(runtime: Path, supervisor_pid: int, listen_fds: list[int]) -> No
         os.umask(old_umask)
 
     # handler_cancellation: a client that disconnects cancels its request, wherever it is.
-    runner = web.AppRunner(make_app(fleet, cfg, cache), handle_signals=False, access_log=None,
+    runner = web.AppRunner(make_app(fleet, cfg, catalog, cache), handle_signals=False, access_log=None,
                            shutdown_timeout=cfg.server.shutdown_grace_s, handler_cancellation=True)
     await runner.setup()
     for fd in listen_fds:
@@ -94,6 +96,14 @@ async def serve(runtime: Path, supervisor_pid: int, listen_fds: list[int]) -> No
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, lambda: None)  # the supervisor decides
+    reloads: set[asyncio.Task] = set()
+
+    def reload() -> None:  # SIGHUP from the supervisor: it rewrote config.json
+        new = config_mod.decode((runtime / "config.json").read_bytes())
+        task = asyncio.ensure_future(catalog.reconfigure(new.catalog))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+    loop.add_signal_handler(signal.SIGHUP, reload)
     log.info("ready", process="gateway", listen_fds=listen_fds, auth=cfg.auth.enabled)
     await stop.wait()
     log.info("gateway_stopping")
@@ -101,6 +111,7 @@ async def serve(runtime: Path, supervisor_pid: int, listen_fds: list[int]) -> No
     worker_server.close()
     if cache is not None:
         cache.close()  # before the pool: its segments go back to it
+    catalog.close()
     fleet.close()
     worker_socket.unlink(missing_ok=True)
     log.info("gateway_stopped")
@@ -113,6 +124,7 @@ def main(argv=None) -> int:
     parser.add_argument("--listen-fd", type=int, action="append", default=[])
     args = parser.parse_args(argv)
     die_with_parent(args.supervisor_pid, signal.SIGTERM)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until serve() handles it: a reload, not a stop
     os.umask(0o077)  # nothing the gateway creates is for other users
     prometheus_client.disable_created_metrics()  # no *_created series: they only add noise
     uvloop.run(serve(Path(args.runtime_dir), args.supervisor_pid, args.listen_fd))

@@ -10,7 +10,7 @@ the format, and the caller's data scope (its token's databases, or everything): 
 the same scope see the same rows, so they share entries, and no other caller can.
 
 Lifetime: ttl_seconds (volatile_ttl_seconds for queries calling now(), random()...: 0 keeps them
-out), a change to files under a table the entry read (gateway/watch.py), an operator's clear,
+out), a change to files under a table the entry read (heard from gateway/catalog.py), an operator's clear,
 and LRU eviction within max_size entries and max_total_mb. An entry sent while it dies is
 freed when its last response is sent (pins).
 
@@ -34,8 +34,7 @@ from engine import log as log_mod
 from engine.config import QueryCacheConfig
 from engine.errors import QueryError
 from engine.shm import Segment, SegmentPool
-from gateway.sqlkey import SqlAnalyzer
-from gateway.watch import DataWatcher
+from gateway.sqlkey import Analysis
 
 log = log_mod.get()
 MiB = 2**20
@@ -164,11 +163,10 @@ class Keeper:
 
 
 class QueryCache:
-    def __init__(self, cfg: QueryCacheConfig, pool: SegmentPool, analyzer: SqlAnalyzer,
-                 data_dir: str):
+    def __init__(self, cfg: QueryCacheConfig, pool: SegmentPool):
+        """Tables changing reach it through invalidate(), a listener of gateway/catalog.py."""
         self.cfg = cfg
         self.pool = pool
-        self.analyzer = analyzer
         self.max_result_bytes = cfg.max_result_mb * MiB
         self.max_bytes = cfg.max_total_mb * MiB
         self.entries: collections.OrderedDict[CacheKey, Entry] = collections.OrderedDict()
@@ -177,26 +175,22 @@ class QueryCache:
         self.hits = self.misses = self.coalesced = self.bypassed = 0
         self.hit_bytes = 0
         self.evictions = dict.fromkeys(EVICTION_REASONS, 0)
-        self.watcher = DataWatcher(data_dir, self.invalidate)
         self._sweeper: asyncio.TimerHandle | None = None
 
     def start(self) -> None:
-        self.watcher.start()
         self._sweep()
 
     def close(self) -> None:
         if self._sweeper:
             self._sweeper.cancel()
-        self.watcher.close()
         self.clear("cleared")
-        self.analyzer.close()
 
     # --- keys ---
 
-    def key(self, sql: str, fmt: str, params: list | None, scope: list[str] | None,
-            wanted: bool = True) -> CacheKey | None:
-        """The key of a cacheable query the caller wants cached, else None (counted as bypassed)."""
-        analysis = self.analyzer.analyze(sql) if wanted else None
+    def key(self, analysis: Analysis | None, fmt: str, params: list | None,
+            scope: list[str] | None) -> CacheKey | None:
+        """The key of a cacheable query (analysis None: the caller opted out), else None
+        (counted as bypassed)."""
         ttl = self.cfg.ttl_seconds
         if analysis is not None and analysis.volatile:
             ttl = min(ttl, self.cfg.volatile_ttl_seconds)
@@ -210,8 +204,8 @@ class QueryCache:
     # --- lookups ---
 
     def get(self, key: CacheKey) -> Entry | None:
-        """A live entry, pinned for the caller (who must unpin it), else None."""
-        self.watcher.poll()  # a file changed before this request must be seen by it
+        """A live entry, pinned for the caller (who must unpin it), else None. The caller has
+        polled the catalog, so a file changed before this request has invalidated already."""
         entry = self.entries.get(key)
         if entry is None:
             return None
@@ -291,6 +285,6 @@ class QueryCache:
                 "hits": self.hits, "misses": self.misses, "coalesced": self.coalesced,
                 "bypassed": self.bypassed, "hit_bytes": self.hit_bytes,
                 "evicted": sum(self.evictions.values()), "evicted_by_reason": dict(self.evictions),
-                "in_flight": len(self.flights), "watching": self.watcher.failed is None,
+                "in_flight": len(self.flights),
                 "ttl_seconds": self.cfg.ttl_seconds,
                 "volatile_ttl_seconds": self.cfg.volatile_ttl_seconds}

@@ -1,4 +1,4 @@
-"""Changes under data_dir, as the cache needs them: which Arc tables had files come, go or change.
+"""Changes under data_dir: which files and directories came, went or changed.
 
 One inotify watch per directory under data_dir (new directories are watched as they appear).
 The kernel queues an event as a file operation completes, so `poll()`, a non-blocking read
@@ -6,9 +6,10 @@ called before every cache lookup, sees a file written before the request arrived
 Parquet file is visible to the very next query. The event loop also polls when the descriptor
 turns readable, so entries die promptly even while no query comes.
 
-A changed path <database>/<measurement>/... touches table "<database>/<measurement>"; a change
-nearer the root (a new database or measurement directory), or a lost event queue, touches
-everything (None).
+Each poll reports the changed paths, relative to data_dir ('default/cpu/2025/11/01/00/x.parquet',
+'default/new_table'), or None when the kernel's queue overflowed (everything may have changed).
+Names starting with a dot (the index file, writers' temporary files) are neither watched nor
+reported.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ MASK = (flags.CREATE | flags.DELETE | flags.MODIFY | flags.CLOSE_WRITE | flags.M
 
 class DataWatcher:
     def __init__(self, root: str, on_change: Callable[[set[str] | None], None]):
+        """on_change(paths): relative paths that changed, or None for everything."""
         self.root = Path(root)
         self._on_change = on_change
         self._inotify = INotify(nonblocking=True)
@@ -49,7 +51,7 @@ class DataWatcher:
         self._inotify.close()
 
     def poll(self) -> None:
-        """Read every queued event; report the tables touched, or None for everything."""
+        """Read every queued event; report the paths touched, or None for everything."""
         touched: set[str] | None = set()
         for event in self._inotify.read(timeout=0):
             if event.mask & flags.Q_OVERFLOW:
@@ -62,13 +64,12 @@ class DataWatcher:
                 del self._dirs[event.wd]
                 continue
             path = (*parts, event.name) if event.name else parts
+            if not path or any(p.startswith(".") for p in path):
+                continue
             if event.mask & flags.ISDIR and event.mask & (flags.CREATE | flags.MOVED_TO):
                 self._watch_tree(self.root.joinpath(*path), path)
             if touched is not None:
-                if len(path) < 2:
-                    touched = None
-                else:
-                    touched.add(f"{path[0]}/{path[1]}")
+                touched.add("/".join(path))
         if touched is None or touched:
             self._on_change(touched)
 
@@ -76,7 +77,7 @@ class DataWatcher:
         try:
             self._dirs[self._inotify.add_watch(directory, MASK)] = parts
             for entry in os.scandir(directory):
-                if entry.is_dir(follow_symlinks=False):
+                if entry.is_dir(follow_symlinks=False) and not entry.name.startswith("."):
                     self._watch_tree(Path(entry.path), (*parts, entry.name))
         except FileNotFoundError:  # gone again before we looked
             pass

@@ -1,0 +1,527 @@
+"""The gateway's catalog: the file index kept current, SQL analysis, and query plans.
+
+Owns, in the gateway process:
+  - the file index (engine/index.py), loaded from the file the supervisor's start-up build
+    wrote, and kept current from inotify (gateway/watch.py): `poll()`, called on the event loop
+    before every query, drains the kernel's queue, so a file written before a request arrives
+    is seen by it. Changes are applied to the index on the planning thread, before the next plan;
+  - the tables it makes (`TableFiles`, one per <database>/<measurement>) and their version,
+    which workers compare with theirs to create views for new tables (Query.catalog);
+  - one planning thread with a private, sandboxed DuckDB connection, where every SQL analysis
+    (gateway/sqlkey.py), constant evaluation and rewrite (gateway/prune.py) runs: the event
+    loop never parses client SQL. A plan says what the worker runs (the query with pruned file
+    lists) and how many files it scans and skips.
+
+Listeners (the result cache) hear which tables changed: casefolded "<database>/<measurement>",
+or None for everything. Failures: an index entry for a file that cannot be read has no bounds
+(always scanned); a rewrite that does not survive a round trip through DuckDB's parser runs the
+query as sent (logged), so pruning can only ever make a query cheaper, never different.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import secrets
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import duckdb
+import msgspec
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from engine import index as index_mod, log as log_mod, sandbox
+from engine.config import CatalogConfig
+from gateway import prune
+from gateway.sqlkey import Analysis, SqlAnalyzer, parse_tree
+from gateway.watch import DataWatcher
+
+log = log_mod.get()
+PLAN_MEMO = 4096
+
+
+class TableFiles:
+    """One Arc table's files, as arrays pruning can filter quickly."""
+
+    def __init__(self, key: str, data_dir: str, files: list[index_mod.FileEntry]):
+        self.key = key  # '<database>/<measurement>' as on disk
+        self.database, self.name = key.split("/")
+        self.files = files
+        self.paths = [f"{data_dir}/{f.path}" for f in files]
+        kinds = {f.kind for f in files if f.kind}
+        self.kind = kinds.pop() if len(kinds) == 1 else ""  # mixed time types: never pruned
+        self.bounded = pa.array([f.kind == self.kind and bool(self.kind) for f in files])
+        self.mins = pa.array([f.time_min for f in files], pa.int64())
+        self.maxs = pa.array([f.time_max for f in files], pa.int64())
+        self.schemas: dict[int, int] = {}  # schema id -> its first file
+        for i, f in enumerate(files):
+            self.schemas.setdefault(f.schema, i)
+        self.rows = sum(f.rows for f in files)
+        self.bytes = sum(f.size for f in files)
+        self.conflicts: list[str] = []  # columns whose types do not mix across files
+        bounded = [f for f in files if f.kind]
+        self.time_range = (min(f.time_min for f in bounded), max(f.time_max for f in bounded)) \
+            if bounded else None
+
+    def select(self, ranges: list[tuple[int, int]]) -> list[int]:
+        """Indexes of the files that may hold a row in one of these time ranges; one file of
+        every other schema comes along, so the table keeps all its columns."""
+        keep = pc.invert(self.bounded)
+        for low, high in ranges:
+            keep = pc.or_(keep, pc.and_(pc.greater_equal(self.maxs, low),
+                                        pc.less_equal(self.mins, high)))
+        chosen = pc.indices_nonzero(keep).to_pylist()
+        have = {self.files[i].schema for i in chosen}
+        chosen += [i for schema, i in self.schemas.items() if schema not in have]
+        return sorted(chosen)
+
+
+@dataclass(frozen=True)
+class Plan:
+    analysis: Analysis
+    sql: str             # what the worker runs
+    files_scanned: int   # files of Arc tables the query reads
+    files_pruned: int    # files of those tables it was spared
+    catalog: int         # the table set's version, for the worker's views
+    tables: tuple[str, ...] = ()  # the Arc tables it reads (casefolded keys)
+
+
+@dataclass
+class Template:
+    """What planning learns once per SQL text and scope (and table set): the prunable
+    references, the SQL that evaluates their bounds and the rewritten text, with markers where
+    each request puts its instant and each reference its files."""
+    analysis: Analysis
+    seen: list[str]                      # table keys of every Arc table reference
+    refs: list[tuple[str, list]]         # (table key, predicate terms) per rewritten reference
+    bounds_sql: str | None = None        # evaluates every bound, as microseconds
+    run_sql: str | None = None           # the rewrite, with markers
+    clocked: bool = False                # the bounds or the rewrite hold the request's instant
+    values: list | None = None           # the bounds, when they do not depend on the clock
+
+
+class Catalog:
+    def __init__(self, cfg: CatalogConfig):
+        self.listeners: list[Callable[[set[str] | None], None]] = []
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="planner")
+        self.watcher: DataWatcher | None = None
+        self.scanned_total = self.pruned_total = 0
+        # Markers in rewritten text: a random word no client can have guessed.
+        self._mark = f"duckfleet_{secrets.token_hex(8)}"
+        self._reset(cfg)
+
+    def _reset(self, cfg: CatalogConfig) -> None:
+        """Everything that follows from [catalog]."""
+        self.cfg = cfg
+        self.data_dir = cfg.data_dir
+        self.index = index_mod.Index(Path(cfg.data_dir), cfg.time_column)
+        self.index_path = index_mod.default_path(cfg.data_dir, cfg.index_file)
+        self.tables: dict[str, TableFiles] = {}  # casefolded key
+        self.version = index_mod.catalog_version([])  # changes with the set of tables
+        self.generation = 0    # bumps on any change of the index
+        self._pending: set[str] | None = None  # changed paths; None: rescan everything
+        self._templates: collections.OrderedDict[tuple, Template] = collections.OrderedDict()
+        self._plans: dict[tuple, tuple[int, Plan]] = {}
+        self._con: duckdb.DuckDBPyConnection | None = None
+        self.analyzer: SqlAnalyzer | None = None
+        self._conflict_memo: dict[tuple, list[str]] = {}
+
+    # --- life ---
+
+    async def start(self) -> None:
+        self.watcher = DataWatcher(self.data_dir, self._on_change)
+        self.watcher.start()
+        await self._run(self._open)
+
+    async def reconfigure(self, cfg: CatalogConfig) -> None:
+        """SIGHUP changed [catalog]: new index, analyzer and watcher; listeners hear that
+        everything changed (the cache drops its entries)."""
+        if cfg == self.cfg:
+            return
+        if self.watcher is not None:
+            self.watcher.close()
+        await self._run(self._reopen, cfg)
+        await self.start()
+        for listener in self.listeners:
+            listener(None)
+        log.info("catalog_reloaded", data_dir=cfg.data_dir, tables=len(self.tables))
+
+    def _reopen(self, cfg: CatalogConfig) -> None:
+        self._close()
+        self._reset(cfg)
+
+    def _open(self) -> None:
+        con = duckdb.connect(":memory:", config={"threads": 1, "memory_limit": "256MB"})
+        con.execute("SET TimeZone = 'UTC'")  # as in every worker: bounds agree with queries
+        self.analyzer = SqlAnalyzer(con, self.cfg.default_database, self.cfg.views,
+                                    frozenset(self.cfg.databases),
+                                    self.cfg.analyze_max_kb * 1024)
+        def statement(sql):
+            return parse_tree(con, sql)["statements"][0]
+        self._select = statement("SELECT 1")
+        self._scan = statement("SELECT * FROM read_parquet(['x'], union_by_name = true) AS t")[
+            "node"]["from_table"]
+        sandbox.apply(con, [self.data_dir])  # reads footers of the data, nothing else
+        self._con = con
+        self.index = index_mod.Index.load(self.data_dir, self.cfg.time_column, self.index_path)
+        self._refresh_all()
+
+    def close(self) -> None:
+        if self.watcher is not None:
+            self.watcher.close()
+        self._thread.submit(self._close).result()
+        self._thread.shutdown()
+
+    def _close(self) -> None:
+        failed = self.index.save(self.index_path)
+        if failed:
+            log.warning("index_not_saved", path=str(self.index_path), error=failed)
+        if self._con is not None:
+            self._con.close()
+
+    async def _run(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+
+    # --- keeping the index current ---
+
+    def poll(self) -> None:
+        """On the loop, before each query: take in every file change the kernel has queued."""
+        if self.watcher is not None:
+            self.watcher.poll()
+
+    def _on_change(self, paths: set[str] | None) -> None:
+        if paths is None or self._pending is None:
+            self._pending = None
+        else:
+            self._pending |= paths
+        tables = None if paths is None or any("/" not in p for p in paths) \
+            else {"/".join(p.split("/", 2)[:2]).casefold() for p in paths}
+        for listener in self.listeners:
+            listener(tables)
+
+    def _refresh_all(self) -> None:
+        self._pending = set()
+        read, dropped = self.index.refresh()
+        self._rebuild(read or dropped or not self.tables)
+
+    def _apply_pending(self) -> None:
+        """Planning thread: bring the index up to date with what poll() collected."""
+        pending, self._pending = self._pending, set()
+        if pending is None:
+            self._refresh_all()
+        elif pending:
+            read, dropped = self.index.update(pending)
+            self._rebuild(bool(read or dropped))
+
+    def _rebuild(self, changed: bool) -> None:
+        if not changed:
+            return
+        tables = {key.casefold(): TableFiles(key, self.data_dir, files)
+                  for key, files in self.index.tables().items()}
+        for table in tables.values():
+            table.conflicts = self._conflicts(table)
+        self.version = index_mod.catalog_version(t.key for t in tables.values())
+        self.tables = tables
+        self.generation += 1
+        self._plans.clear()
+
+    # --- plans ---
+
+    async def plan(self, sql: str, scope: list[str] | None) -> Plan:
+        """What to run for this SQL and scope. A plan that does not depend on the clock is
+        reused until the index changes, without leaving the loop."""
+        self.poll()
+        key = (sql, tuple(scope) if scope is not None else None)
+        memo = self._plans.get(key)
+        if memo is not None and memo[0] == self.generation and self._pending == set():
+            plan = memo[1]
+        else:
+            plan = await self._run(self._plan, sql, scope, key)
+        self.scanned_total += plan.files_scanned
+        self.pruned_total += plan.files_pruned
+        return plan
+
+    def _plan(self, sql: str, scope: list[str] | None, key: tuple) -> Plan:
+        self._apply_pending()
+        template = self._templates.get((key, self.version))
+        if template is None:
+            template = self._template(sql, scope)
+            self._templates[(key, self.version)] = template
+            if len(self._templates) > PLAN_MEMO:
+                self._templates.popitem(last=False)
+        else:
+            self._templates.move_to_end((key, self.version))
+        plan = self._fill(template, sql)
+        if not template.clocked:
+            if len(self._plans) >= PLAN_MEMO:
+                self._plans.clear()
+            self._plans[key] = (self.generation, plan)
+        return plan
+
+    def _fill(self, template: Template, sql: str) -> Plan:
+        """This request's plan: evaluate the bounds now, choose files, fill in the markers."""
+        seen = tuple(template.seen)
+        tables = [self.tables.get(key) for key in seen]
+        scanned = sum(len(t.files) for t in tables if t is not None)
+        if template.run_sql is None:
+            return Plan(template.analysis, sql, scanned, 0, self.version, seen)
+        literals = self._instant() if template.clocked else {}
+        values = template.values
+        if values is None:
+            values = self._evaluate(template.bounds_sql, literals)
+        lists, pruned = [], 0
+        for table_key, terms in template.refs:
+            table = self.tables.get(table_key)
+            ranges = prune.intervals(("and", terms), values) if values is not None else None
+            if table is None:
+                return Plan(template.analysis, sql, scanned, 0, self.version, seen)
+            chosen = table.select(ranges) if ranges is not None else range(len(table.files))
+            pruned += len(table.files) - len(chosen)
+            lists.append(", ".join(_literal(table.paths[i]) for i in chosen))
+        if not pruned:
+            return Plan(template.analysis, sql, scanned, 0, self.version, seen)
+        text = template.run_sql
+        for n, files in enumerate(lists):
+            text = text.replace(f"'{self._mark}_files_{n}'", files)
+        for marker, literal in literals.items():
+            text = text.replace(marker, literal)
+        return Plan(template.analysis, text, scanned - pruned, pruned, self.version, seen)
+
+    def _template(self, sql: str, scope: list[str] | None) -> Template:
+        analysis = self.analyzer.analyze(sql)
+        if analysis.tree is None:
+            return Template(analysis, [], [])
+        tree = msgspec.json.decode(msgspec.json.encode(analysis.tree))  # a private copy
+        clocked = prune.substitute_now(tree, self._now_markers())
+        collector = self._collect(tree, scope)
+        template = Template(analysis, [t.key.casefold() for _, t in collector.seen], [])
+        if not collector.refs or self._mark in sql:
+            return template
+        bounds_sql = self._bounds_sql(collector.consts)
+        for n, ref in enumerate(collector.refs):
+            self._replace(ref.node, f"{self._mark}_files_{n}")
+        run_sql = self._deparse(tree, sql)
+        if bounds_sql is None or run_sql is None:
+            return template
+        template.refs = [(ref.table.key.casefold(), ref.terms) for ref in collector.refs]
+        template.bounds_sql, template.run_sql = bounds_sql, run_sql
+        template.clocked = clocked
+        if not (clocked and self._mark in bounds_sql):
+            template.values = self._evaluate(bounds_sql, {})
+            template.clocked = clocked  # the rewrite still holds the instant
+        return template
+
+    def _collect(self, tree: dict, scope: list[str] | None) -> prune.Collector:
+        ctes: set[str] = set()
+        prune.walk_selects(tree, lambda node: ctes.update(
+            item["key"].casefold() for item in node.get("cte_map", {}).get("map", [])))
+        allowed = None if scope is None else {db.casefold() for db in scope}
+
+        def resolve(node: dict) -> TableFiles | None:
+            if node.get("catalog_name") or node.get("at_clause"):
+                return None
+            schema, name = node.get("schema_name", "").casefold(), node["table_name"].casefold()
+            if not schema and name in ctes:  # a CTE of that name, somewhere: not the table
+                return None
+            db = schema or self.cfg.default_database.casefold()
+            if allowed is not None and db not in allowed:
+                return None
+            return self.tables.get(f"{db}/{name}")
+
+        collector = prune.Collector(resolve, self.cfg.time_column, self.analyzer.volatile_names)
+        prune.walk_selects(tree, collector.visit)
+        if _has_long_column_refs(tree):  # "db".cpu.time cannot follow a rewritten reference
+            collector.refs = []
+        return collector
+
+    # --- the instant of a request ---
+
+    def _now_markers(self) -> dict[str, dict]:
+        """CAST nodes holding a marker per type; each request replaces them with its instant."""
+        nodes = {}
+        for type_name in ("TIMESTAMP WITH TIME ZONE", "TIMESTAMP", "DATE"):
+            nodes[type_name] = {
+                "class": "CAST", "type": "OPERATOR_CAST", "alias": "", "query_location": 0,
+                "child": _constant(self._now_marker(type_name)),
+                "cast_type": {"id": type_name, "type_info": None}, "try_cast": False}
+        return nodes
+
+    def _now_marker(self, type_name: str) -> str:
+        return f"{self._mark}_now_{type_name.split()[-1].lower()}"
+
+    def _instant(self) -> dict[str, str]:
+        now = datetime.now(timezone.utc)
+        return {f"'{self._now_marker('TIMESTAMP WITH TIME ZONE')}'": _literal(now.isoformat(sep=" ")),
+                f"'{self._now_marker('TIMESTAMP')}'": _literal(now.replace(tzinfo=None).isoformat(sep=" ")),
+                f"'{self._now_marker('DATE')}'": _literal(now.date().isoformat())}
+
+    # --- DuckDB: bounds, rewrites ---
+
+    def _bounds_sql(self, consts: list[tuple[dict, str]]) -> str | None:
+        select = msgspec.json.decode(msgspec.json.encode(self._select))
+        select["node"]["select_list"] = [
+            {"class": "CAST", "type": "OPERATOR_CAST", "alias": f"v{i}", "query_location": 0,
+             "child": expr, "cast_type": {"id": cast, "type_info": None}, "try_cast": False}
+            for i, (expr, cast) in enumerate(consts)]
+        try:
+            inner = self._deserialize(select)
+        except duckdb.Error:
+            return None
+        outer = ", ".join(
+            f"CASE WHEN isinf(v{i}) THEN (CASE WHEN v{i} > TIMESTAMP '1970-01-01' "
+            f"THEN {prune.HIGH} ELSE {prune.LOW} END) ELSE epoch_us(v{i}) END"
+            for i in range(len(consts)))
+        return f"SELECT {outer} FROM ({inner})"
+
+    def _evaluate(self, bounds_sql: str, literals: dict[str, str]) -> list | None:
+        """Every bound as microseconds (None: SQL NULL); None if DuckDB refuses them."""
+        for marker, literal in literals.items():
+            bounds_sql = bounds_sql.replace(marker, literal)
+        try:
+            return list(self._con.execute(bounds_sql).fetchone())
+        except duckdb.Error:
+            return None
+
+    def _replace(self, node: dict, marker: str) -> None:
+        new = msgspec.json.decode(msgspec.json.encode(self._scan))
+        new["alias"] = node.get("alias") or node["table_name"]
+        new["column_name_alias"] = node.get("column_name_alias", [])
+        new["sample"] = node.get("sample")
+        new["function"]["children"][0]["children"] = [_constant(marker)]
+        node.clear()
+        node.update(new)
+
+    def _deparse(self, tree: dict, sql: str) -> str | None:
+        """The rewritten statement as SQL, if DuckDB parses it back to the same tree."""
+        statement = dict(self._select, node=tree)
+        try:
+            text = self._deserialize(statement)
+            again = parse_tree(self._con, text)["statements"][0]["node"]
+        except (duckdb.Error, KeyError, IndexError) as exc:
+            log.warning("prune_skipped", reason=str(exc)[:200], sql=sql[:200])
+            return None
+        if prune.strip_locations(again) != prune.strip_locations(tree):
+            log.warning("prune_skipped", reason="the rewrite does not round-trip", sql=sql[:200])
+            return None
+        return text
+
+    def _deserialize(self, statement: dict) -> str:
+        document = msgspec.json.encode({"error": False, "statements": [statement]}).decode()
+        return self._con.execute("SELECT json_deserialize_sql($1::JSON)", [document]).fetchone()[0]
+
+    def _conflicts(self, table: TableFiles) -> list[str]:
+        """Columns whose type in some file cannot become the table's (union) type, with a file
+        that has it: what a query reading such a column needs to be told."""
+        reps = {schema: table.paths[i] for schema, i in table.schemas.items() if schema >= 0}
+        key = (table.key, tuple(sorted(reps)))
+        if len(reps) < 2:
+            return []
+        if key not in self._conflict_memo:
+            seen: dict[str, dict[str, str]] = {}  # column -> {type: a file that has it}
+            found = []
+            try:
+                for path in reps.values():
+                    for name, kind in self._con.execute(
+                            "SELECT column_name, column_type FROM (DESCRIBE SELECT * FROM "
+                            "read_parquet(?))", [path]).fetchall():
+                        seen.setdefault(name, {}).setdefault(kind, path[len(self.data_dir) + 1:])
+            except duckdb.Error as exc:
+                found.append(str(exc).split("\n", 1)[0])
+            for name, kinds in seen.items():
+                if len({_family(kind) for kind in kinds}) > 1:
+                    found.append(f"column {name} is " + ", ".join(
+                        f"{kind} in {path}" for kind, path in kinds.items()))
+            self._conflict_memo[key] = found
+        return self._conflict_memo[key]
+
+    def explain(self, plan: Plan, message: str) -> str:
+        """A SQL error on a table whose files disagree on a column's type: say which."""
+        notes = [note for key in plan.tables if (table := self.tables.get(key))
+                 for note in table.conflicts]
+        if not notes:
+            return message
+        return f"{message.split(chr(10), 1)[0]} (the files of this table disagree: {'; '.join(notes)})"
+
+    # --- the catalog route ---
+
+    async def describe(self, scope: list[str] | None) -> dict:
+        return await self._run(self._describe, scope)
+
+    def _describe(self, scope: list[str] | None) -> dict:
+        self._apply_pending()
+        allowed = None if scope is None else {db.casefold() for db in scope}
+        databases: dict[str, list] = {}
+        for table in sorted(self.tables.values(), key=lambda t: t.key):
+            if allowed is not None and table.database.casefold() not in allowed:
+                continue
+            reps = [table.paths[i] for i in table.schemas.values() if table.files[i].schema >= 0]
+            try:
+                columns = self._con.execute(
+                    "SELECT column_name, column_type FROM (DESCRIBE SELECT * FROM "
+                    "read_parquet(?, union_by_name = true))", [reps]).fetchall() if reps else []
+            except duckdb.Error as exc:
+                columns, error = [], str(exc).splitlines()[0]
+            else:
+                error = None
+            first, last = table.time_range or (None, None)
+            databases.setdefault(table.database, []).append({
+                "name": table.name, "files": len(table.files), "bytes": table.bytes,
+                "rows": table.rows, "columns": [{"name": n, "type": t} for n, t in columns],
+                "time_column": self.cfg.time_column if table.kind else None,
+                "time_min": _iso(first), "time_max": _iso(last),
+                **({"error": error} if error else {})})
+        return {"databases": [{"name": db, "tables": tables}
+                              for db, tables in databases.items()],
+                "time_column": self.cfg.time_column}
+
+    def stats(self) -> dict:
+        return {"tables": len(self.tables), "files": len(self.index.files),
+                "files_scanned": self.scanned_total, "files_pruned": self.pruned_total,
+                "watching": self.watcher is not None and self.watcher.failed is None}
+
+
+NUMBERS = frozenset({"TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT", "UTINYINT",
+                     "USMALLINT", "UINTEGER", "UBIGINT", "UHUGEINT", "FLOAT", "DOUBLE"})
+
+
+def _family(type_name: str) -> str:
+    """Types within one family mix (a widening: INTEGER to BIGINT, FLOAT to DOUBLE); a number
+    that became text or a list does not. Nested types mix only with themselves."""
+    if type_name in NUMBERS or type_name.startswith("DECIMAL"):
+        return "number"
+    if type_name.startswith(("TIMESTAMP", "DATE")):
+        return "time"
+    return type_name
+
+
+def _has_long_column_refs(tree) -> bool:
+    stack = [tree]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            if item.get("class") == "COLUMN_REF" and len(item.get("column_names", ())) > 2:
+                return True
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
+def _constant(text: str) -> dict:
+    return {"class": "CONSTANT", "type": "VALUE_CONSTANT", "alias": "", "query_location": 0,
+            "value": {"type": {"id": "VARCHAR", "type_info": None}, "is_null": False,
+                      "value": text}}
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _iso(us: int | None) -> str | None:
+    if us is None:
+        return None
+    return datetime.fromtimestamp(us / 1e6, timezone.utc).isoformat()
