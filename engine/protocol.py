@@ -16,7 +16,7 @@ from typing import Any
 
 import msgspec
 
-VERSION = 3  # 3: Query.databases, streaming (Grant, Chunk), Welcome, Bye and Status
+VERSION = 4  # 3: Query.databases, streaming (Grant, Chunk), Welcome, Bye, Status; 4: Query.catalog
 MAGIC = b"DF"
 HEADER = struct.Struct("!2sBxI")
 MAX_FRAME = 64 * 1024 * 1024  # SQL text and parameters; results travel in shared memory
@@ -45,7 +45,8 @@ class Query(msgspec.Struct, tag=True, frozen=True):
     A result larger than chunk_bytes is written as a sequence of segments: each full one is
     handed back in a Chunk, and the worker continues in the next segment the gateway Grants.
     `databases` limits what the query may read to those databases (a token's scope); None
-    means the whole catalog.
+    means the whole catalog. `catalog` is the version of the gateway's table set: a worker
+    whose views are older makes them again before it runs the query.
     """
     id: int
     sql: str
@@ -57,6 +58,7 @@ class Query(msgspec.Struct, tag=True, frozen=True):
     batch_rows: int = 122880
     timeout_s: float = 0.0  # the gateway's deadline, for the worker's heartbeat
     databases: list[str] | None = None
+    catalog: int = 0
 
 
 class Grant(msgspec.Struct, tag=True, frozen=True):

@@ -33,7 +33,7 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
-from engine import catalog, config as config_mod, log as log_mod, policy, protocol, sandbox
+from engine import catalog, config as config_mod, index, log as log_mod, policy, protocol, sandbox
 from engine.encode import FORMATS, write_result
 from engine.errors import Kind, QueryError
 from engine.process import BOOT_FAILED, die_with_parent, malloc_trim
@@ -81,8 +81,9 @@ class Instances:
     MAX_SCOPED = 4
 
     def __init__(self, cfg: config_mod.Config, memory_limit: int, temp_root: Path,
-                 full: duckdb.DuckDBPyConnection):
+                 full: duckdb.DuckDBPyConnection, version: int = 0):
         self.cfg = cfg
+        self.version = version  # engine.index.catalog_version of the tables it has views for
         self.memory_limit = memory_limit
         self.temp_root = temp_root
         self.full = full
@@ -91,8 +92,10 @@ class Instances:
 
     @classmethod
     def open(cls, cfg: config_mod.Config, memory_limit: int, temp_root: Path) -> "Instances":
+        # Listed before the views are made: a table that appears meanwhile costs a reopen later.
+        version = index.catalog_version(index.table_keys(cfg.catalog.data_dir))
         return cls(cfg, memory_limit, temp_root,
-                   open_database(cfg, memory_limit, str(temp_root / "all")))
+                   open_database(cfg, memory_limit, str(temp_root / "all")), version)
 
     def get(self, scope: list[str] | None) -> duckdb.DuckDBPyConnection:
         if scope is None:
@@ -289,14 +292,15 @@ class Worker:
             self.report_memory()  # a busy worker is never idle long enough to report
         self.check_limits(rss)
 
-    def reconnect(self, rss: int) -> None:
-        """A fresh DuckDB connection: what the old one cached or fragmented goes with it."""
+    def reconnect(self, rss: int, reason: str = "memory") -> None:
+        """A fresh DuckDB connection: what the old one cached or fragmented goes with it, and
+        views for the tables there are now."""
         self.instances.close()
         self.instances = self._reopen()
         self.connections += 1
         malloc_trim()
         self.rss_at_connect = self.rss_at_trim = current_rss()
-        log.info("duckdb_reconnected", worker=self.worker_id, rss_before=rss,
+        log.info("duckdb_reconnected", worker=self.worker_id, reason=reason, rss_before=rss,
                  rss_after=self.rss_at_connect)
         self.report_memory()
 
@@ -314,6 +318,22 @@ class Worker:
             log.info("worker_retiring", worker=self.worker_id, reason=self.retiring,
                      queries=self.queries, rss=rss)
             self.status(f"retire {self.retiring}")
+
+    def _no_such_table(self, con, exc: duckdb.Error) -> str:
+        """DuckDB suggests system tables for a name it does not know; name the real ones."""
+        message = str(exc)
+        if con is None or not isinstance(exc, duckdb.CatalogException) \
+                or "does not exist" not in message:
+            return message
+        default = self.cfg.catalog.default_database
+        views = con.execute("SELECT schema_name, view_name FROM duckdb_views() "
+                            "WHERE NOT internal ORDER BY ALL").fetchall()
+        tables = con.execute("SELECT database_name, table_name FROM duckdb_tables() "
+                             "ORDER BY ALL").fetchall()
+        names = [name if schema in (default, "main") else f"{schema}.{name}"
+                 for schema, name in views] + [f"{db}.{name}" for db, name in tables]
+        first = message.split("\n", 1)[0]
+        return f"{first} Tables here: {', '.join(names) or 'none (the data directory is empty)'}"
 
     def _next_segment(self) -> str:
         name = self.grants.get()
@@ -335,6 +355,8 @@ class Worker:
         try:
             if query.format not in FORMATS:
                 raise QueryError(Kind.BAD_REQUEST, f"unknown format {query.format!r}")
+            if query.catalog and query.catalog != self.instances.version:
+                self.reconnect(current_rss(), reason="tables_changed")  # a table came or went
             con = self.instances.get(query.databases)
             with self._lock:
                 if self._interrupted == query.id:  # cancelled before DuckDB could be told
@@ -365,7 +387,11 @@ class Worker:
                 return protocol.Failure(query.id, Kind.FORBIDDEN,
                                         f"this token may read only the databases "
                                         f"{', '.join(query.databases)}: {exc}")
-            return protocol.Failure(query.id, Kind.SQL_ERROR, str(exc))
+            return protocol.Failure(query.id, Kind.SQL_ERROR, self._no_such_table(con, exc))
+        except duckdb.IOException as exc:
+            missing = "No files found" in str(exc) or "No such file" in str(exc)
+            return protocol.Failure(query.id, Kind.FILE_MISSING if missing else Kind.SQL_ERROR,
+                                    str(exc))
         except duckdb.Error as exc:
             return protocol.Failure(query.id, Kind.SQL_ERROR, str(exc))
         except pa.ArrowNotImplementedError as exc:

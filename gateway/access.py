@@ -47,6 +47,8 @@ class RequestFacts:
     execution_ms: float | None = None
     send_ms: float | None = None
     cache: str | None = None  # hit, miss, coalesced or bypass, when the cache is on
+    files_scanned: int | None = None  # Parquet files the plan reads, and those pruning spared
+    files_pruned: int | None = None
     error_type: str | None = None
 
 
@@ -100,9 +102,11 @@ def _record(request: web.Request, facts: RequestFacts, status: int, sent: int) -
         fields["error_type"] = facts.error_type
     if facts.format is not None:  # a query route
         metrics.observe_query(status, facts.format, facts.rows, facts.wait_ms,
-                              facts.execution_ms, facts.send_ms)
+                              facts.execution_ms, facts.send_ms, facts.files_scanned,
+                              facts.files_pruned)
         fields.update(format=facts.format, rows=facts.rows, wait_ms=_ms(facts.wait_ms),
-                      execution_ms=_ms(facts.execution_ms), send_ms=_ms(facts.send_ms))
+                      execution_ms=_ms(facts.execution_ms), send_ms=_ms(facts.send_ms),
+                      files_scanned=facts.files_scanned, files_pruned=facts.files_pruned)
         if facts.cache:
             fields["cache"] = facts.cache
     log.info("access", **fields)
@@ -110,6 +114,7 @@ def _record(request: web.Request, facts: RequestFacts, status: int, sent: int) -
         log.warning("slow_query", request_id=facts.request_id, token=token, status=status,
                     duration_ms=round(duration_ms, 3), wait_ms=_ms(facts.wait_ms),
                     execution_ms=_ms(facts.execution_ms), rows=facts.rows,
+                    files_scanned=facts.files_scanned, files_pruned=facts.files_pruned,
                     threshold_ms=request.app[SLOW_QUERY_MS], sql=facts.sql[:SQL_LOGGED])
 
 

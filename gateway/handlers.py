@@ -18,12 +18,14 @@ from engine.errors import Kind, QueryError
 from gateway import openapi, render
 from gateway.access import FACTS, METRICS
 from gateway.cache import BYPASS, RETRY, CacheKey, Entry, Flight, QueryCache
+from gateway.catalog import Catalog, Plan
 from gateway.fleet import Fleet
 from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 
 FLEET = web.AppKey("fleet", Fleet)
 CONFIG = web.AppKey("config", Config)
 CACHE = web.AppKey("cache", QueryCache)
+CATALOG = web.AppKey("catalog", Catalog)
 log = log_mod.get()
 
 
@@ -97,17 +99,19 @@ async def run_query(request: web.Request, fmt: str | None, priority: str) -> web
     fmt = facts.format = fmt or query.format
     facts.sql = query.sql
     run = Run(request, query, fmt, priority)
+    plan = await run.replan()
     cache = request.app.get(CACHE)
     if cache is None:
         return await run.execute()
-    key = cache.key(query.sql, fmt, query.params, run.databases, wanted=query.cache)
+    key = cache.key(plan.analysis if query.cache else None, fmt, query.params, run.databases)
     if key is None:
         return await run.execute(cache_state="bypass")
     return await run.cached(cache, key)
 
 
 class Run:
-    """One query request: executed by a worker, or answered by the cache."""
+    """One query request: planned (gateway/catalog.py), then executed by a worker or answered
+    by the cache."""
 
     def __init__(self, request: web.Request, query: QueryRequest, fmt: str, priority: str):
         self.request = request
@@ -118,13 +122,20 @@ class Run:
         self.databases = self.facts.token.databases if self.facts.token else None
         self.timeout = query.timeout_ms / 1000 if query.timeout_ms else None
         self.send_timeout = request.app[CONFIG].results.send_timeout_s
+        self.plan: Plan | None = None
+
+    async def replan(self) -> Plan:
+        self.plan = await self.request.app[CATALOG].plan(self.query.sql, self.databases)
+        self.facts.files_scanned = self.plan.files_scanned
+        self.facts.files_pruned = self.plan.files_pruned
+        return self.plan
 
     async def execute(self, keeper=None, cache_state: str | None = None) -> web.StreamResponse:
         fleet = self.request.app[FLEET]
         self.facts.cache = cache_state
-        for attempt in (1, 2):
-            job = await fleet.submit(self.query.sql, self.fmt, self.query.params, self.timeout,
-                                     self.priority, self.databases)
+        for attempt in (1, 2, 3):
+            job = await fleet.submit(self.plan.sql, self.fmt, self.query.params, self.timeout,
+                                     self.priority, self.databases, self.plan.catalog)
             try:
                 response = await render.send_result(self.request, job, self.fmt,
                                                     self.send_timeout, keeper, cache_state)
@@ -133,9 +144,16 @@ class Run:
                     self.facts.wait_ms, self.facts.send_ms = job.wait_ms, job.send_ms
                 return response
             except QueryError as exc:
+                if exc.kind == Kind.SQL_ERROR:
+                    exc.message = self.request.app[CATALOG].explain(self.plan, exc.message)
+                if exc.kind == Kind.FILE_MISSING and attempt < 3:
+                    # A file of its plan vanished (compaction): plan again from the index.
+                    log.info("query_replanned", query_id=job.id, error=exc.message)
+                    await self.replan()
+                    continue
                 # Every query is a read: one that lost its worker before a byte was sent runs
                 # once more elsewhere (send_result aborts the stream itself after the first byte).
-                if exc.kind != Kind.WORKER_LOST or attempt == 2:
+                if exc.kind != Kind.WORKER_LOST or attempt > 1:
                     raise
                 fleet.retried += 1
                 log.warning("query_retried", query_id=job.id, error=exc.message)
@@ -220,7 +238,16 @@ async def stats(request: web.Request) -> web.Response:
 
 async def cache_stats(request: web.Request) -> web.Response:
     cache = request.app.get(CACHE)
-    return web.json_response(cache.stats() if cache else {"enabled": False})
+    watching = request.app[CATALOG].stats()["watching"]
+    return web.json_response({**cache.stats(), "watching": watching} if cache
+                             else {"enabled": False})
+
+
+async def catalog(request: web.Request) -> web.Response:
+    """Databases, tables, columns, files, bytes, rows and time range (within a token's scope)."""
+    token = request[FACTS].token
+    scope = token.databases if token is not None else None
+    return web.json_response(await request.app[CATALOG].describe(scope))
 
 
 async def cache_clear(request: web.Request) -> web.Response:
@@ -258,6 +285,7 @@ def routes() -> list[web.RouteDef]:
         web.get("/ready", ready),
         web.get("/api/v1/stats/connections", stats),
         web.get("/api/v1/cache/stats", cache_stats),
+        web.get("/api/v1/catalog", catalog),
         web.post("/api/v1/cache/clear", cache_clear),
         web.get("/api/v1/metrics", metrics_json),
         web.get("/metrics", metrics_text),

@@ -50,6 +50,11 @@ class Metrics:
                                   registry=r)
         self.rows = Counter("duckfleet_result_rows", "Rows returned by successful queries",
                             registry=r)
+        self.files_scanned = Counter("duckfleet_files_scanned",
+                                     "Parquet files of Arc tables that queries read", registry=r)
+        self.files_pruned = Counter("duckfleet_files_pruned",
+                                    "Parquet files of Arc tables that pruning spared queries",
+                                    registry=r)
         r.register(FleetCollector(fleet_stats))
         if cache_stats is not None:
             r.register(CacheCollector(cache_stats))
@@ -59,8 +64,11 @@ class Metrics:
         self.sent_bytes.inc(sent)
 
     def observe_query(self, status: int, fmt: str, rows: int | None, wait_ms: float | None,
-                      execution_ms: float | None, send_ms: float | None) -> None:
+                      execution_ms: float | None, send_ms: float | None,
+                      files_scanned: int | None = None, files_pruned: int | None = None) -> None:
         self.queries.labels(str(status), fmt).inc()
+        self.files_scanned.inc(files_scanned or 0)
+        self.files_pruned.inc(files_pruned or 0)
         for histogram, ms in ((self.wait, wait_ms), (self.execution, execution_ms),
                               (self.send, send_ms)):
             if ms is not None:

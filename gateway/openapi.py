@@ -102,6 +102,27 @@ SCHEMAS = {
                                   "additionalProperties": {"type": "integer", "minimum": 0}},
         },
     },
+    "Catalog": {
+        "type": "object", "required": ["databases", "time_column"],
+        "properties": {
+            "time_column": {"type": "string"},
+            "databases": {"type": "array", "items": {
+                "type": "object", "required": ["name", "tables"],
+                "properties": {"name": {"type": "string"}, "tables": {"type": "array", "items": {
+                    "type": "object",
+                    "required": ["name", "files", "bytes", "rows", "columns", "time_min", "time_max"],
+                    "properties": {
+                        "name": {"type": "string"},
+                        **{n: {"type": "integer", "minimum": 0} for n in ("files", "bytes", "rows")},
+                        "columns": {"type": "array", "items": {
+                            "type": "object", "required": ["name", "type"],
+                            "properties": {"name": {"type": "string"}, "type": {"type": "string"}}}},
+                        "time_column": {"type": ["string", "null"]},
+                        "time_min": {"type": ["string", "null"]},
+                        "time_max": {"type": ["string", "null"]},
+                        "error": {"type": "string"}}}}}}},
+        },
+    },
     "CacheCleared": {"type": "object", "required": ["cleared"],
                      "properties": {"cleared": {"type": "integer", "minimum": 0}}},
     "Metrics": {
@@ -182,6 +203,9 @@ def document(request_struct: type, auth_enabled: bool) -> dict:
                                                   _json(_ref("Stats"), "stats"))},
         "/api/v1/cache/stats": {"get": _get("the result cache's counts",
                                             _json(_ref("CacheStats"), "cache stats"))},
+        "/api/v1/catalog": {"get": _get("databases, tables, columns, files, rows and time "
+                                        "ranges (within the token's scope)",
+                                        _json(_ref("Catalog"), "the catalog"))},
         "/api/v1/cache/clear": {"post": {
             "summary": "drop every cached result",
             "responses": {"200": _json(_ref("CacheCleared"), "entries dropped"),

@@ -39,6 +39,7 @@ SMALL = 256 * 1024  # results up to this size are copied into one response body
 STATUS = {
     Kind.BAD_REQUEST: 400,
     Kind.SQL_ERROR: 400,
+    Kind.FILE_MISSING: 400,
     Kind.OUT_OF_MEMORY: 400,
     Kind.UNAUTHORIZED: 401,
     Kind.FORBIDDEN: 403,
