@@ -2,7 +2,8 @@
 
 import duckdb
 
-from tests.harness import Server, assert_no_leaks
+from engine.demo import write_history
+from tests.harness import Server, assert_no_leaks, wait_for
 
 
 def test_demo_tables(server):
@@ -45,6 +46,157 @@ warehouse = "{db}"
         assert srv.query("SELECT city FROM warehouse.sites").json()["data"] == [["Paris"]]
         # Read-only: even a statement the policy let through could not write to it.
         assert srv.query("INSERT INTO warehouse.sites VALUES ('x', 'y')").status == 403
+    finally:
+        assert srv.stop() == 0
+        assert_no_leaks(srv)
+
+
+# --- the file index: new tables, vanishing files, restarts, identity ---
+
+def _history(path, hours=48, **kwargs):
+    from datetime import datetime, timezone
+    end = datetime(2026, 1, 3, tzinfo=timezone.utc)
+    write_history(path, end, hours, **kwargs)
+    return path
+
+
+def test_index_survives_a_restart(tmp_path):
+    data = _history(tmp_path / "data")
+    srv = Server(tmp_path / "srv", data).start()
+    try:
+        first = srv.event("index_ready")
+        assert first["files"] == 48 and first["footers_read"] == 48
+    finally:
+        assert srv.stop() == 0
+        assert_no_leaks(srv)
+    again = Server(tmp_path / "srv2", data).start()
+    try:
+        ready = again.event("index_ready")
+        assert ready["loaded"] == 48 and ready["footers_read"] == 0
+        assert again.query("SELECT count(*) FROM cpu").json()["data"] == [[48 * 360]]
+    finally:
+        assert again.stop() == 0
+        assert_no_leaks(again)
+
+
+def test_new_table_and_unknown_table(tmp_path):
+    data = _history(tmp_path / "data", hours=4)
+    srv = Server(tmp_path / "srv", data).start()
+    try:
+        missing = srv.query("SELECT * FROM mem").json()
+        assert missing["error_type"] == "sql_error"
+        assert "does not exist" in missing["error"] and "Tables here: cpu" in missing["error"]
+        assert "duckdb_tables" not in missing["error"]
+        _history(data, hours=2, measurement="mem", database="metrics")  # no SIGHUP
+        assert srv.query("SELECT count(*) FROM metrics.mem").json()["data"] == [[720]]
+        tables = srv.get("/api/v1/catalog").json()["databases"]
+        assert sorted(db["name"] for db in tables) == ["default", "metrics"]
+    finally:
+        assert srv.stop() == 0
+        assert_no_leaks(srv)
+
+
+def test_incompatible_schema_names_file_and_column(tmp_path):
+    data = _history(tmp_path / "data", hours=3)
+    bad = data / "default" / "cpu" / "2026" / "01" / "02" / "23" / "bad.parquet"
+    con = duckdb.connect()
+    con.execute(f"COPY (SELECT TIMESTAMP '2026-01-02 23:30:00' AS time, [1, 2] AS usage_user) "
+                f"TO '{bad}' (FORMAT parquet)")
+    con.close()
+    srv = Server(tmp_path / "srv", data).start()
+    try:
+        doc = srv.query("SELECT sum(usage_user) FROM cpu").json()
+        assert doc["error_type"] == "sql_error"
+        assert "usage_user" in doc["error"] and "bad.parquet" in doc["error"], doc
+        # Columns that did not change still answer.
+        assert srv.query("SELECT count(host) FROM cpu").json()["data"] == [[3 * 360]]
+    finally:
+        assert srv.stop() == 0
+        assert_no_leaks(srv)
+
+
+def test_files_appearing_vanishing_and_replaced_under_load(tmp_path):
+    """Churn like Arc's writers and compaction while clients query: files rewritten in place
+    (every answer stays exact), then files deleted and added (no answer is an error, and the
+    first answer after the churn is exact: nothing stale, cached or not)."""
+    import shutil
+    import threading
+
+    data = _history(tmp_path / "data", hours=24)
+    srv = Server(tmp_path / "srv", data, config="[query_cache]\nenabled = true\n").start()
+    sql = ["SELECT count(*), sum(CAST(usage_user * 100 AS BIGINT)) FROM cpu",
+           "SELECT count(*) FROM cpu WHERE time >= TIMESTAMP '2026-01-02 12:00:00'"]
+    want = [srv.query(q).json()["data"] for q in sql]
+    files = sorted((data / "default" / "cpu").rglob("*.parquet"))
+    stop, failures, answers = threading.Event(), [], [0]
+    exact = threading.Event()
+    exact.set()
+
+    def load():
+        while not stop.is_set():
+            for q, w in zip(sql, want):
+                response = srv.query(q)
+                answers[0] += 1
+                if response.status != 200 or (exact.is_set() and response.json()["data"] != w):
+                    failures.append((q, response))
+
+    threads = [threading.Thread(target=load) for _ in range(3)]
+    for t in threads:
+        t.start()
+
+    def answered(more: int) -> None:  # the clients have seen the files as they are now
+        goal = answers[0] + more
+        wait_for(lambda: answers[0] >= goal or failures, 60, what=f"{more} more answers")
+
+    try:
+        for round_ in range(len(files)):  # rewritten in place (a new inode, same rows)
+            victim = files[round_]
+            tmp = victim.with_name(".tmp-" + victim.name)
+            shutil.copyfile(victim, tmp)
+            tmp.replace(victim)
+            answered(2)
+        exact.clear()
+        for victim in files[:6]:  # compaction removes hourly files...
+            victim.unlink()
+            answered(2)
+        _history(data / "extra", hours=2)  # ...and writers add new ones
+        (data / "extra" / "default" / "cpu" / "2026").rename(data / "default" / "cpu" / "2027")
+        answered(2)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+    try:
+        assert answers[0] > 0 and not failures, failures[:3]
+        assert srv.query(sql[1]).json()["data"] == [[(12 + 2) * 360]]  # 12 hours and the new 2
+        assert srv.query(sql[0]).json()["data"][0][0] == (24 - 6 + 2) * 360
+    finally:
+        assert srv.stop() == 0
+        assert_no_leaks(srv)
+
+
+def test_cache_identity_any_spelling_and_views(tmp_path):
+    data = _history(tmp_path / "data", hours=2)
+    config = ('[query_cache]\nenabled = true\n\n[catalog.views]\n'
+              'busy = "SELECT host, count(*) AS n FROM cpu GROUP BY host"\n')
+    srv = Server(tmp_path / "srv", data, config=config).start()
+    try:
+        spellings = ["SELECT count(*) FROM CPU", 'SELECT count(*) FROM "cpu"',
+                     'SELECT count(*) FROM "default".cpu', "SELECT count(*) FROM cpu"]
+        view = "SELECT sum(n) FROM busy"
+        for q in [*spellings, view]:
+            assert srv.query(q).json()["data"] == [[720]]
+        assert srv.query(view).headers["X-Cache"] == "hit"
+        _history(data / "extra", hours=1)
+        (data / "extra" / "default" / "cpu" / "2026").rename(data / "default" / "cpu" / "2027")
+        # Every spelling is one table: none is stale. Spellings that differ only in case or
+        # quotes share one entry (the first asker after the change runs it again).
+        states = []
+        for q in [*spellings, view]:
+            response = srv.query(q)
+            assert response.json()["data"] == [[1080]], q
+            states.append(response.headers["X-Cache"])
+        assert states == ["miss", "hit", "miss", "hit", "miss"]  # "default".cpu: its own key
     finally:
         assert srv.stop() == 0
         assert_no_leaks(srv)
