@@ -249,7 +249,10 @@ class Catalog:
         self._apply_pending()
         template = self._templates.get((key, self.version))
         if template is None:
-            template = self._template(sql, scope)
+            try:
+                template = self._template(sql, scope)
+            except RecursionError:  # deeper than the analysis itself went: run it as sent
+                template = Template(self.analyzer.analyze(sql), [], [])
             self._templates[(key, self.version)] = template
             if len(self._templates) > PLAN_MEMO:
                 self._templates.popitem(last=False)
