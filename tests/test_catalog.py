@@ -200,3 +200,28 @@ def test_cache_identity_any_spelling_and_views(tmp_path):
     finally:
         assert srv.stop() == 0
         assert_no_leaks(srv)
+
+
+def test_sighup_brings_a_new_catalog_to_the_gateway(tmp_path):
+    """A view added to engine.toml and SIGHUP: the workers serve it, and the gateway's cache
+    knows it reads cpu, so a new cpu file invalidates its cached answer."""
+    import signal
+
+    data = _history(tmp_path / "data", hours=2)
+    srv = Server(tmp_path / "srv", data, config="[query_cache]\nenabled = true\n").start()
+    try:
+        srv.config_path.write_text('[query_cache]\nenabled = true\n\n[catalog.views]\n'
+                                   'counted = "SELECT count(*) AS n FROM cpu"\n')
+        srv.send_signal(signal.SIGHUP)
+        wait_for(lambda: srv.event("catalog_reloaded") and srv.event("reloaded"), 60,
+                 what="the gateway and the workers reloaded")
+        view = "SELECT n FROM counted"  # names no table: only the view's definition tells
+        assert srv.query(view).json()["data"] == [[720]]
+        assert srv.query(view).headers["X-Cache"] == "hit"
+        _history(data / "extra", hours=1)
+        (data / "extra" / "default" / "cpu" / "2026").rename(data / "default" / "cpu" / "2027")
+        fresh = srv.query(view)
+        assert fresh.json()["data"] == [[1080]] and fresh.headers["X-Cache"] == "miss"
+    finally:
+        assert srv.stop() == 0
+        assert_no_leaks(srv)
