@@ -4,8 +4,10 @@ Pure: builds the statements a worker runs at boot, before any user SQL. Layout u
 <database>/<measurement>/YYYY/MM/DD/HH/*.parquet. Each database becomes a schema holding one
 view per measurement; the default database comes first on the search path, so `cpu` and
 `"default".cpu` name the same table (DuckDB reserves the word default, hence the quotes).
-Views read the file list at query time, so new files are visible to the next query, and read
-it by name (union_by_name), so a table is the union of its files' columns as its schema grows.
+Views read the file list at query time, so new files are visible to the next query. A table
+whose files have more than one schema (`evolved`, from the file index) is read by name
+(union_by_name): it is the union of its files' columns as its schema grows. That costs a read
+of every file's footer when the view is made, so tables of one schema are read without it.
 Which directories are tables is decided by engine/index.py's rules (a directory named
 x.parquet is not a file). Queries the gateway prunes read explicit file lists instead.
 
@@ -51,16 +53,19 @@ def directories(catalog: CatalogConfig, scope: list[str] | None = None) -> list[
     return [str(Path(catalog.data_dir, db)) for db in databases(catalog.data_dir) if db in scope]
 
 
-def boot_statements(catalog: CatalogConfig, scope: list[str] | None = None) -> list[str]:
-    """Schemas, views and attachments of the databases in scope (None: all), and the search path."""
+def boot_statements(catalog: CatalogConfig, scope: list[str] | None = None,
+                    evolved: set[str] | None = None) -> list[str]:
+    """Schemas, views and attachments of the databases in scope (None: all), and the search
+    path. `evolved`: '<database>/<measurement>' of tables with several schemas (None: any)."""
     statements = []
     found = {db: m for db, m in databases(catalog.data_dir).items() if _in_scope(db, scope)}
     for db, measurements in found.items():
         statements.append(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(db)}")
         for m in measurements:
             files = str(Path(catalog.data_dir, db, m)) + "/**/*.parquet"
+            by_name = ", union_by_name = true" if evolved is None or f"{db}/{m}" in evolved else ""
             statements.append(f"CREATE VIEW {quote_ident(db)}.{quote_ident(m)} AS "
-                              f"SELECT * FROM read_parquet({_literal(files)}, union_by_name = true)")
+                              f"SELECT * FROM read_parquet({_literal(files)}{by_name})")
     for name, path in catalog.databases.items():
         if _in_scope(name, scope):
             statements.append(f"ATTACH {_literal(path)} AS {quote_ident(name)} (READ_ONLY)")

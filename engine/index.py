@@ -191,10 +191,21 @@ def table_keys(data_dir: str | Path) -> list[str]:
     return found
 
 
-def catalog_version(keys) -> int:
-    """A number that changes when the set of tables does; workers and the gateway compute it
-    from their own listing, so a worker knows when its views are out of date."""
-    return zlib.crc32("\n".join(sorted(keys)).encode())
+def catalog_version(keys, evolved) -> int:
+    """A number that changes when the set of tables does, or the set of those whose files have
+    more than one schema (`evolved`); workers and the gateway compute it from their own
+    knowledge, so a worker knows when its views are out of date."""
+    evolved = set(evolved)
+    return zlib.crc32("\n".join(sorted(k + "*" * (k in evolved) for k in keys)).encode())
+
+
+def evolved_tables(data_dir: str, time_column: str, index_file: str) -> set[str] | None:
+    """Tables whose files have more than one schema, from the index file (None: unknown)."""
+    path = default_path(data_dir, index_file)
+    if not path.exists():
+        return None
+    index = Index.load(data_dir, time_column, path)
+    return {key for key, files in index.tables().items() if len({f.schema for f in files}) > 1}
 
 
 def _any_parquet(directory: Path) -> bool:

@@ -46,7 +46,8 @@ class Query(msgspec.Struct, tag=True, frozen=True):
     handed back in a Chunk, and the worker continues in the next segment the gateway Grants.
     `databases` limits what the query may read to those databases (a token's scope); None
     means the whole catalog. `catalog` is the version of the gateway's table set: a worker
-    whose views are older makes them again before it runs the query.
+    whose views are older makes them again before it runs the query, reading the tables in
+    `evolved` (files of several schemas) by name.
     """
     id: int
     sql: str
@@ -59,6 +60,7 @@ class Query(msgspec.Struct, tag=True, frozen=True):
     timeout_s: float = 0.0  # the gateway's deadline, for the worker's heartbeat
     databases: list[str] | None = None
     catalog: int = 0
+    evolved: list[str] | None = None
 
 
 class Grant(msgspec.Struct, tag=True, frozen=True):

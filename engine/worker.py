@@ -43,7 +43,8 @@ log = log_mod.get()
 
 
 def open_database(cfg: config_mod.Config, memory_limit: int, temp_dir: str,
-                  scope: list[str] | None = None) -> duckdb.DuckDBPyConnection:
+                  scope: list[str] | None = None,
+                  evolved: set[str] | None = None) -> duckdb.DuckDBPyConnection:
     """A DuckDB instance: settings applied, catalog (or the scope's part) loaded, sandboxed,
     everything verified by reading it back."""
     Path(temp_dir).mkdir(mode=0o700, parents=True, exist_ok=True)  # DuckDB makes only the last level
@@ -53,7 +54,7 @@ def open_database(cfg: config_mod.Config, memory_limit: int, temp_dir: str,
         "temp_directory": temp_dir,
     })
     con.execute("SET TimeZone = 'UTC'")
-    for statement in catalog.boot_statements(cfg.catalog, scope):
+    for statement in catalog.boot_statements(cfg.catalog, scope, evolved):
         con.execute(statement)
     for statement in catalog.view_statements(cfg.catalog):
         try:
@@ -81,9 +82,11 @@ class Instances:
     MAX_SCOPED = 4
 
     def __init__(self, cfg: config_mod.Config, memory_limit: int, temp_root: Path,
-                 full: duckdb.DuckDBPyConnection, version: int = 0):
+                 full: duckdb.DuckDBPyConnection, version: int = 0,
+                 evolved: set[str] | None = None):
         self.cfg = cfg
         self.version = version  # engine.index.catalog_version of the tables it has views for
+        self.evolved = evolved  # tables read by name (several schemas); None: all of them
         self.memory_limit = memory_limit
         self.temp_root = temp_root
         self.full = full
@@ -91,11 +94,19 @@ class Instances:
         self._opened = 0
 
     @classmethod
-    def open(cls, cfg: config_mod.Config, memory_limit: int, temp_root: Path) -> "Instances":
-        # Listed before the views are made: a table that appears meanwhile costs a reopen later.
-        version = index.catalog_version(index.table_keys(cfg.catalog.data_dir))
+    def open(cls, cfg: config_mod.Config, memory_limit: int, temp_root: Path,
+             evolved: set[str] | None = None) -> "Instances":
+        """`evolved` as the gateway last said; at boot, from the index file the supervisor
+        built. Listed before the views are made: a table that appears meanwhile costs a
+        reopen at the next query, never a wrong view."""
+        data = cfg.catalog
+        if evolved is None:
+            evolved = index.evolved_tables(data.data_dir, data.time_column, data.index_file)
+        keys = index.table_keys(data.data_dir)
+        version = index.catalog_version(keys, keys if evolved is None else evolved)
         return cls(cfg, memory_limit, temp_root,
-                   open_database(cfg, memory_limit, str(temp_root / "all")), version)
+                   open_database(cfg, memory_limit, str(temp_root / "all"), None, evolved),
+                   version, evolved)
 
     def get(self, scope: list[str] | None) -> duckdb.DuckDBPyConnection:
         if scope is None:
@@ -108,7 +119,7 @@ class Instances:
             self._close(next(iter(self._scoped)))
         self._opened += 1
         temp_dir = self.temp_root / f"scope-{self._opened}"
-        con = open_database(self.cfg, self.memory_limit, str(temp_dir), list(key))
+        con = open_database(self.cfg, self.memory_limit, str(temp_dir), list(key), self.evolved)
         self._scoped[key] = (con, temp_dir)
         log.info("scope_opened", databases=list(key))
         return con
@@ -292,11 +303,12 @@ class Worker:
             self.report_memory()  # a busy worker is never idle long enough to report
         self.check_limits(rss)
 
-    def reconnect(self, rss: int, reason: str = "memory") -> None:
+    def reconnect(self, rss: int, reason: str = "memory", evolved: set[str] | None = None) -> None:
         """A fresh DuckDB connection: what the old one cached or fragmented goes with it, and
-        views for the tables there are now."""
+        views for the tables there are now (`evolved`: as the gateway says they are)."""
+        keep = self.instances.evolved if evolved is None else evolved
         self.instances.close()
-        self.instances = self._reopen()
+        self.instances = self._reopen(keep)
         self.connections += 1
         malloc_trim()
         self.rss_at_connect = self.rss_at_trim = current_rss()
@@ -356,7 +368,8 @@ class Worker:
             if query.format not in FORMATS:
                 raise QueryError(Kind.BAD_REQUEST, f"unknown format {query.format!r}")
             if query.catalog and query.catalog != self.instances.version:
-                self.reconnect(current_rss(), reason="tables_changed")  # a table came or went
+                # A table came or went, or its files' schemas now differ.
+                self.reconnect(current_rss(), "tables_changed", set(query.evolved or ()))
             con = self.instances.get(query.databases)
             with self._lock:
                 if self._interrupted == query.id:  # cancelled before DuckDB could be told
@@ -442,7 +455,8 @@ def main(argv=None) -> int:
 
     # Resolved: DuckDB compares real paths with allowed_directories.
     temp_root = runtime.resolve() / f"tmp-worker-{args.id}-{os.getpid()}"
-    reopen = lambda: Instances.open(cfg, args.memory_limit, temp_root)  # noqa: E731
+    def reopen(evolved: set[str] | None = None) -> Instances:
+        return Instances.open(cfg, args.memory_limit, temp_root, evolved)
     try:
         instances = reopen()
         settings = {**read_settings(instances.full, ["threads", "memory_limit", "temp_directory",

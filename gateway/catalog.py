@@ -31,53 +31,17 @@ from typing import Callable
 
 import duckdb
 import msgspec
-import pyarrow as pa
-import pyarrow.compute as pc
 
 from engine import index as index_mod, log as log_mod, sandbox
 from engine.config import CatalogConfig
-from gateway import prune
+from gateway import prune, tables as tables_mod
 from gateway.sqlkey import Analysis, SqlAnalyzer, parse_tree
+from gateway.tables import TableFiles
 from gateway.watch import DataWatcher
 
 log = log_mod.get()
 PLAN_MEMO = 4096
-
-
-class TableFiles:
-    """One Arc table's files, as arrays pruning can filter quickly."""
-
-    def __init__(self, key: str, data_dir: str, files: list[index_mod.FileEntry]):
-        self.key = key  # '<database>/<measurement>' as on disk
-        self.database, self.name = key.split("/")
-        self.files = files
-        self.paths = [f"{data_dir}/{f.path}" for f in files]
-        kinds = {f.kind for f in files if f.kind}
-        self.kind = kinds.pop() if len(kinds) == 1 else ""  # mixed time types: never pruned
-        self.bounded = pa.array([f.kind == self.kind and bool(self.kind) for f in files])
-        self.mins = pa.array([f.time_min for f in files], pa.int64())
-        self.maxs = pa.array([f.time_max for f in files], pa.int64())
-        self.schemas: dict[int, int] = {}  # schema id -> its first file
-        for i, f in enumerate(files):
-            self.schemas.setdefault(f.schema, i)
-        self.rows = sum(f.rows for f in files)
-        self.bytes = sum(f.size for f in files)
-        self.conflicts: list[str] = []  # columns whose types do not mix across files
-        bounded = [f for f in files if f.kind]
-        self.time_range = (min(f.time_min for f in bounded), max(f.time_max for f in bounded)) \
-            if bounded else None
-
-    def select(self, ranges: list[tuple[int, int]]) -> list[int]:
-        """Indexes of the files that may hold a row in one of these time ranges; one file of
-        every other schema comes along, so the table keeps all its columns."""
-        keep = pc.invert(self.bounded)
-        for low, high in ranges:
-            keep = pc.or_(keep, pc.and_(pc.greater_equal(self.maxs, low),
-                                        pc.less_equal(self.mins, high)))
-        chosen = pc.indices_nonzero(keep).to_pylist()
-        have = {self.files[i].schema for i in chosen}
-        chosen += [i for schema, i in self.schemas.items() if schema not in have]
-        return sorted(chosen)
+REPLANS = 5  # files changing faster than this many plans: the last one runs
 
 
 @dataclass(frozen=True)
@@ -88,6 +52,7 @@ class Plan:
     files_pruned: int    # files of those tables it was spared
     catalog: int         # the table set's version, for the worker's views
     tables: tuple[str, ...] = ()  # the Arc tables it reads (casefolded keys)
+    evolved: list[str] | None = None  # tables of several schemas, for the worker's views
 
 
 @dataclass
@@ -121,7 +86,8 @@ class Catalog:
         self.index = index_mod.Index(Path(cfg.data_dir), cfg.time_column)
         self.index_path = index_mod.default_path(cfg.data_dir, cfg.index_file)
         self.tables: dict[str, TableFiles] = {}  # casefolded key
-        self.version = index_mod.catalog_version([])  # changes with the set of tables
+        self.version = index_mod.catalog_version([], [])  # changes with the set of tables
+        self.evolved: list[str] = []
         self.generation = 0    # bumps on any change of the index
         self._pending: set[str] | None = None  # changed paths; None: rescan everything
         self._templates: collections.OrderedDict[tuple, Template] = collections.OrderedDict()
@@ -133,26 +99,33 @@ class Catalog:
     # --- life ---
 
     async def start(self) -> None:
-        self.watcher = DataWatcher(self.data_dir, self._on_change)
-        self.watcher.start()
+        self._watch(self.data_dir)  # first: a change during the first refresh is not lost
         await self._run(self._open)
+
+    def _watch(self, data_dir: str) -> None:
+        self.watcher = DataWatcher(data_dir, self._on_change)
+        self.watcher.start()
 
     async def reconfigure(self, cfg: CatalogConfig) -> None:
         """SIGHUP changed [catalog]: new index, analyzer and watcher; listeners hear that
-        everything changed (the cache drops its entries)."""
+        everything changed (the cache drops its entries). Queries keep being planned: by the
+        old catalog until the planning thread swaps it, by the new one after."""
         if cfg == self.cfg:
             return
-        if self.watcher is not None:
-            self.watcher.close()
+        old, self.watcher = self.watcher, None
+        if old is not None:
+            old.close()
+        self._watch(cfg.data_dir)
         await self._run(self._reopen, cfg)
-        await self.start()
         for listener in self.listeners:
             listener(None)
         log.info("catalog_reloaded", data_dir=cfg.data_dir, tables=len(self.tables))
 
     def _reopen(self, cfg: CatalogConfig) -> None:
+        """Planning thread: the whole swap in one step, so no plan sees half of it."""
         self._close()
         self._reset(cfg)
+        self._open()
 
     def _open(self) -> None:
         con = duckdb.connect(":memory:", config={"threads": 1, "memory_limit": "256MB"})
@@ -163,8 +136,9 @@ class Catalog:
         def statement(sql):
             return parse_tree(con, sql)["statements"][0]
         self._select = statement("SELECT 1")
-        self._scan = statement("SELECT * FROM read_parquet(['x'], union_by_name = true) AS t")[
-            "node"]["from_table"]
+        self._scans = {by_name: statement(f"SELECT * FROM read_parquet(['x']{option}) AS t")[
+            "node"]["from_table"] for by_name, option in ((True, ", union_by_name = true"),
+                                                          (False, ""))}
         sandbox.apply(con, [self.data_dir])  # reads footers of the data, nothing else
         self._con = con
         self.index = index_mod.Index.load(self.data_dir, self.cfg.time_column, self.index_path)
@@ -224,7 +198,8 @@ class Catalog:
                   for key, files in self.index.tables().items()}
         for table in tables.values():
             table.conflicts = self._conflicts(table)
-        self.version = index_mod.catalog_version(t.key for t in tables.values())
+        self.evolved = sorted(t.key for t in tables.values() if t.evolved)
+        self.version = index_mod.catalog_version([t.key for t in tables.values()], self.evolved)
         self.tables = tables
         self.generation += 1
         self._plans.clear()
@@ -234,13 +209,18 @@ class Catalog:
     async def plan(self, sql: str, scope: list[str] | None) -> Plan:
         """What to run for this SQL and scope. A plan that does not depend on the clock is
         reused until the index changes, without leaving the loop."""
-        self.poll()
         key = (sql, tuple(scope) if scope is not None else None)
-        memo = self._plans.get(key)
-        if memo is not None and memo[0] == self.generation and self._pending == set():
-            plan = memo[1]
-        else:
+        for _ in range(REPLANS):
+            self.poll()
+            memo = self._plans.get(key)
+            if memo is not None and memo[0] == self.generation and self._pending == set():
+                plan = memo[1]
+                break
             plan = await self._run(self._plan, sql, scope, key)
+            if self._pending == set():
+                # Nothing changed while it was planned: a change from now on reaches the
+                # caller's cache flight (it is created before the next await) as stale.
+                break
         self.scanned_total += plan.files_scanned
         self.pruned_total += plan.files_pruned
         return plan
@@ -271,7 +251,7 @@ class Catalog:
         tables = [self.tables.get(key) for key in seen]
         scanned = sum(len(t.files) for t in tables if t is not None)
         if template.run_sql is None:
-            return Plan(template.analysis, sql, scanned, 0, self.version, seen)
+            return Plan(template.analysis, sql, scanned, 0, self.version, seen, self.evolved)
         literals = self._instant() if template.clocked else {}
         values = template.values
         if values is None:
@@ -281,18 +261,18 @@ class Catalog:
             table = self.tables.get(table_key)
             ranges = prune.intervals(("and", terms), values) if values is not None else None
             if table is None:
-                return Plan(template.analysis, sql, scanned, 0, self.version, seen)
+                return Plan(template.analysis, sql, scanned, 0, self.version, seen, self.evolved)
             chosen = table.select(ranges) if ranges is not None else range(len(table.files))
             pruned += len(table.files) - len(chosen)
             lists.append(", ".join(_literal(table.paths[i]) for i in chosen))
         if not pruned:
-            return Plan(template.analysis, sql, scanned, 0, self.version, seen)
+            return Plan(template.analysis, sql, scanned, 0, self.version, seen, self.evolved)
         text = template.run_sql
         for n, files in enumerate(lists):
             text = text.replace(f"'{self._mark}_files_{n}'", files)
         for marker, literal in literals.items():
             text = text.replace(marker, literal)
-        return Plan(template.analysis, text, scanned - pruned, pruned, self.version, seen)
+        return Plan(template.analysis, text, scanned - pruned, pruned, self.version, seen, self.evolved)
 
     def _template(self, sql: str, scope: list[str] | None) -> Template:
         analysis = self.analyzer.analyze(sql)
@@ -306,7 +286,7 @@ class Catalog:
             return template
         bounds_sql = self._bounds_sql(collector.consts)
         for n, ref in enumerate(collector.refs):
-            self._replace(ref.node, f"{self._mark}_files_{n}")
+            self._replace(ref.node, f"{self._mark}_files_{n}", ref.table.evolved)
         run_sql = self._deparse(tree, sql)
         if bounds_sql is None or run_sql is None:
             return template
@@ -389,8 +369,8 @@ class Catalog:
         except duckdb.Error:
             return None
 
-    def _replace(self, node: dict, marker: str) -> None:
-        new = msgspec.json.decode(msgspec.json.encode(self._scan))
+    def _replace(self, node: dict, marker: str, by_name: bool) -> None:
+        new = msgspec.json.decode(msgspec.json.encode(self._scans[by_name]))
         new["alias"] = node.get("alias") or node["table_name"]
         new["column_name_alias"] = node.get("column_name_alias", [])
         new["sample"] = node.get("sample")
@@ -417,28 +397,9 @@ class Catalog:
         return self._con.execute("SELECT json_deserialize_sql($1::JSON)", [document]).fetchone()[0]
 
     def _conflicts(self, table: TableFiles) -> list[str]:
-        """Columns whose type in some file cannot become the table's (union) type, with a file
-        that has it: what a query reading such a column needs to be told."""
-        reps = {schema: table.paths[i] for schema, i in table.schemas.items() if schema >= 0}
-        key = (table.key, tuple(sorted(reps)))
-        if len(reps) < 2:
-            return []
+        key = (table.key, tuple(sorted(table.schemas)))
         if key not in self._conflict_memo:
-            seen: dict[str, dict[str, str]] = {}  # column -> {type: a file that has it}
-            found = []
-            try:
-                for path in reps.values():
-                    for name, kind in self._con.execute(
-                            "SELECT column_name, column_type FROM (DESCRIBE SELECT * FROM "
-                            "read_parquet(?))", [path]).fetchall():
-                        seen.setdefault(name, {}).setdefault(kind, path[len(self.data_dir) + 1:])
-            except duckdb.Error as exc:
-                found.append(str(exc).split("\n", 1)[0])
-            for name, kinds in seen.items():
-                if len({_family(kind) for kind in kinds}) > 1:
-                    found.append(f"column {name} is " + ", ".join(
-                        f"{kind} in {path}" for kind, path in kinds.items()))
-            self._conflict_memo[key] = found
+            self._conflict_memo[key] = tables_mod.conflicts(self._con, table)
         return self._conflict_memo[key]
 
     def explain(self, plan: Plan, message: str) -> str:
@@ -459,46 +420,16 @@ class Catalog:
         allowed = None if scope is None else {db.casefold() for db in scope}
         databases: dict[str, list] = {}
         for table in sorted(self.tables.values(), key=lambda t: t.key):
-            if allowed is not None and table.database.casefold() not in allowed:
-                continue
-            reps = [table.paths[i] for i in table.schemas.values() if table.files[i].schema >= 0]
-            try:
-                columns = self._con.execute(
-                    "SELECT column_name, column_type FROM (DESCRIBE SELECT * FROM "
-                    "read_parquet(?, union_by_name = true))", [reps]).fetchall() if reps else []
-            except duckdb.Error as exc:
-                columns, error = [], str(exc).splitlines()[0]
-            else:
-                error = None
-            first, last = table.time_range or (None, None)
-            databases.setdefault(table.database, []).append({
-                "name": table.name, "files": len(table.files), "bytes": table.bytes,
-                "rows": table.rows, "columns": [{"name": n, "type": t} for n, t in columns],
-                "time_column": self.cfg.time_column if table.kind else None,
-                "time_min": _iso(first), "time_max": _iso(last),
-                **({"error": error} if error else {})})
-        return {"databases": [{"name": db, "tables": tables}
-                              for db, tables in databases.items()],
+            if allowed is None or table.database.casefold() in allowed:
+                databases.setdefault(table.database, []).append(
+                    tables_mod.describe(self._con, table, self.cfg.time_column))
+        return {"databases": [{"name": db, "tables": found} for db, found in databases.items()],
                 "time_column": self.cfg.time_column}
 
     def stats(self) -> dict:
         return {"tables": len(self.tables), "files": len(self.index.files),
                 "files_scanned": self.scanned_total, "files_pruned": self.pruned_total,
                 "watching": self.watcher is not None and self.watcher.failed is None}
-
-
-NUMBERS = frozenset({"TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT", "UTINYINT",
-                     "USMALLINT", "UINTEGER", "UBIGINT", "UHUGEINT", "FLOAT", "DOUBLE"})
-
-
-def _family(type_name: str) -> str:
-    """Types within one family mix (a widening: INTEGER to BIGINT, FLOAT to DOUBLE); a number
-    that became text or a list does not. Nested types mix only with themselves."""
-    if type_name in NUMBERS or type_name.startswith("DECIMAL"):
-        return "number"
-    if type_name.startswith(("TIMESTAMP", "DATE")):
-        return "time"
-    return type_name
 
 
 def _has_long_column_refs(tree) -> bool:
@@ -522,9 +453,3 @@ def _constant(text: str) -> dict:
 
 def _literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
-
-
-def _iso(us: int | None) -> str | None:
-    if us is None:
-        return None
-    return datetime.fromtimestamp(us / 1e6, timezone.utc).isoformat()

@@ -376,11 +376,12 @@ class Fleet:
             raise
 
     async def submit(self, sql: str, fmt: str, params: list | None, timeout_s: float | None,
-                     priority: str, databases: list[str] | None = None, catalog: int = 0) -> Job:
+                     priority: str, databases: list[str] | None = None, catalog: int = 0,
+                     evolved: list[str] | None = None) -> Job:
         """Admit, take a worker and a segment, send the query; the caller reads the Job.
 
         `databases`: the token's scope, enforced by the worker (None: the whole catalog);
-        `catalog`: the version of the table set the query was planned against.
+        `catalog`, `evolved`: the table set the query was planned against (Query says more).
         """
         started = time.perf_counter()
         link = await self._acquire(priority)
@@ -395,7 +396,7 @@ class Fleet:
         link.job = job
         job.start(protocol.Query(job.id, sql, fmt, segment.name, self.segments.chunk_bytes,
                                  params, self.max_result_bytes, self.batch_rows, timeout,
-                                 databases, catalog), segment)
+                                 databases, catalog, evolved), segment)
         return job
 
     def stats(self) -> dict:

@@ -135,7 +135,8 @@ class Run:
         self.facts.cache = cache_state
         for attempt in (1, 2, 3):
             job = await fleet.submit(self.plan.sql, self.fmt, self.query.params, self.timeout,
-                                     self.priority, self.databases, self.plan.catalog)
+                                     self.priority, self.databases, self.plan.catalog,
+                                     self.plan.evolved)
             try:
                 response = await render.send_result(self.request, job, self.fmt,
                                                     self.send_timeout, keeper, cache_state)

@@ -16,10 +16,10 @@ functions may appear in them, so no client expression runs in the gateway beyond
 arithmetic. now() and its relatives in WHERE clauses are replaced by one literal per request,
 so the files chosen and the rows the query keeps agree at the same instant.
 
-A pruned reference becomes `read_parquet([files], union_by_name=true)` under the reference's
-alias; one file of every other schema the table has is added, so the table keeps the columns
-and types of all its files (those files' rows fail the predicate; DuckDB skips their row
-groups by statistics).
+A pruned reference becomes `read_parquet([files])` under the reference's alias (read by name,
+union_by_name, when the table's files have several schemas); one file of every other schema the
+table has is added, so the table keeps the columns and types of all its files (those files'
+rows fail the predicate; DuckDB skips their row groups by statistics).
 """
 
 from __future__ import annotations

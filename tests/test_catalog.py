@@ -151,7 +151,7 @@ def test_files_appearing_vanishing_and_replaced_under_load(tmp_path):
     try:
         for round_ in range(len(files)):  # rewritten in place (a new inode, same rows)
             victim = files[round_]
-            tmp = victim.with_name(".tmp-" + victim.name)
+            tmp = victim.with_name(victim.name + ".tmp")  # as writers do: not *.parquet until whole
             shutil.copyfile(victim, tmp)
             tmp.replace(victim)
             answered(2)
