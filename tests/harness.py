@@ -202,6 +202,21 @@ def raw_socket_request(port: int, payload: bytes) -> socket.socket:
     return sock
 
 
+def server_has_read(sock: socket.socket) -> bool:
+    """Whether the server side of this loopback TCP connection has read every byte we sent
+    (its receive queue in /proc/net/tcp is empty): the request is in the gateway's hands."""
+    client_port = sock.getsockname()[1]
+    server_port = sock.getpeername()[1]
+    with open("/proc/net/tcp") as table:
+        for line in table.readlines()[1:]:
+            fields = line.split()
+            local, remote, queues = fields[1], fields[2], fields[4]
+            if int(local.split(":")[1], 16) == server_port and \
+                    int(remote.split(":")[1], 16) == client_port:
+                return int(queues.split(":")[1], 16) == 0
+    return False
+
+
 def http_post(sql_body: dict) -> bytes:
     body = json.dumps(sql_body).encode()
     return (b"POST /api/v1/query HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"

@@ -17,6 +17,22 @@ ENDLESS_SQL = "SELECT sum(i) AS s FROM range(1000000000000) t(i)"
 TEN_MILLION = "SELECT i, i * 2 AS j, i % 7 AS k FROM range(10000000) t(i)"
 
 
+class Blocker:
+    """A query that occupies a worker until released: ENDLESS_SQL, with no deadline, from a
+    client that disconnects on release (which interrupts it). Tests that need a worker busy
+    while they queue requests do not depend on how long anything takes."""
+
+    def __init__(self, srv):
+        self.srv = srv
+        self.busy_before = srv.stats()["busy"]
+        self.sock = raw_socket_request(srv.port, http_post({"sql": ENDLESS_SQL}))
+        wait_for(lambda: srv.stats()["busy"] == self.busy_before + 1, 10,
+                 what="the blocker to occupy a worker")
+
+    def release(self) -> None:
+        self.sock.close()
+
+
 def in_background(fn):
     out = {}
     thread = threading.Thread(target=lambda: out.update(value=fn()))
@@ -26,8 +42,7 @@ def in_background(fn):
 
 def test_queue_full_and_queue_timeout(make_server):
     srv = make_server(workers=1, config="[queue]\nmax_queue_size = 1\nqueue_timeout_s = 0.5\n").start()
-    busy, _ = in_background(lambda: srv.query(ENDLESS_SQL, timeout_ms=2500))
-    wait_for(lambda: srv.stats()["busy"] == 1, 10, what="the worker to be busy")
+    blocker = Blocker(srv)
     queued, out = in_background(lambda: srv.query("SELECT 1"))
     wait_for(lambda: srv.stats()["queued"] == 1 or "value" in out, 10, what="a queued request")
     full = srv.query("SELECT 2")
@@ -38,30 +53,37 @@ def test_queue_full_and_queue_timeout(make_server):
     late = out["value"]
     assert late.status == 503 and late.headers["Retry-After"]
     assert "queue_timeout_s = 0.5" in late.json()["error"]
-    busy.join(30)
+    assert srv.stats()["busy"] == 1, "the blocker held the worker throughout"
+    blocker.release()
+    wait_for(lambda: srv.stats()["busy"] == 0, 20, what="the blocker to be interrupted")
     assert srv.stats()["rejected"] == {"queue_full": 1, "queue_timeout": 1}
+    assert srv.query("SELECT 3 AS x").json()["data"] == [[3]]
 
 
 def _queue_in_order(srv, priorities, pause: float = 0.0):
-    """Occupy the only worker for 2.5 s, queue one request per priority in the given order
-    (`pause` seconds apart), return the order in which they were served."""
+    """Occupy the only worker, queue one request per priority in the given order (`pause`
+    seconds apart), release the worker; return the order in which they were served."""
     served = []
-    blocker, _ = in_background(lambda: srv.query(ENDLESS_SQL, timeout_ms=2500))
-    wait_for(lambda: srv.stats()["busy"] == 1, 10, what="the worker to be busy")
-    threads = []
+    blocker = Blocker(srv)
+    threads, errors = [], []
     for n, priority in enumerate(priorities):
         def run(priority=priority, n=n):
             resp = srv.query(f"SELECT {n} AS n", priority=priority)
-            assert resp.status == 200, resp
+            if resp.status != 200:
+                errors.append(resp)
             served.append(priority)
         t = threading.Thread(target=run)
         t.start()
         threads.append(t)
         wait_for(lambda n=n: srv.stats()["queued"] == n + 1, 10, what="the request to queue")
-        time.sleep(pause)
-    assert srv.stats()["busy"] == 1, "the blocker must still run for this test to mean anything"
-    for t in [blocker, *threads]:
+        if pause:
+            queued_at = time.monotonic()  # the input of the test (aging), not a synchronisation
+            wait_for(lambda: time.monotonic() - queued_at >= pause, pause + 10, what="the pause")
+    assert srv.stats()["served"] == 0, "nothing may have been served before the release"
+    blocker.release()
+    for t in threads:
         t.join(60)
+    assert not errors, errors
     return served
 
 
@@ -82,8 +104,7 @@ def test_route_default_priority(make_server):
     srv = make_server(workers=1, config='[queue]\narrow_priority = "low"\npriority_aging_s = 600\n'
                                         'queue_timeout_s = 60\n').start()
     served = []
-    blocker, _ = in_background(lambda: srv.query(SLOW_SQL))
-    wait_for(lambda: srv.stats()["busy"] == 1, 10, what="the worker to be busy")
+    blocker = Blocker(srv)
     a = threading.Thread(target=lambda: (srv.query("SELECT 1", path="/api/v1/query/arrow"),
                                          served.append("arrow")))
     a.start()
@@ -91,7 +112,9 @@ def test_route_default_priority(make_server):
     j = threading.Thread(target=lambda: (srv.query("SELECT 1"), served.append("json")))
     j.start()
     wait_for(lambda: srv.stats()["queued"] == 2, 10, what="json queued")
-    for t in (blocker, a, j):
+    assert srv.stats()["served"] == 0
+    blocker.release()
+    for t in (a, j):
         t.join(60)
     assert served == ["json", "arrow"]
 
@@ -106,14 +129,15 @@ def test_request_timeout_cannot_raise_the_limit(make_server):
 
 def test_disconnect_while_queued_leaves_the_queue(make_server):
     srv = make_server(workers=1, config="[queue]\nqueue_timeout_s = 60\n").start()
-    blocker, _ = in_background(lambda: srv.query(ENDLESS_SQL, timeout_ms=2500))
-    wait_for(lambda: srv.stats()["busy"] == 1, 10, what="the worker to be busy")
+    blocker = Blocker(srv)
     sock = raw_socket_request(srv.port, http_post({"sql": "SELECT 1"}))
     wait_for(lambda: srv.stats()["queued"] == 1, 10, what="the request to queue")
     sock.close()
     wait_for(lambda: srv.stats()["queued"] == 0, 10, what="the request to leave the queue")
     assert srv.stats()["busy"] == 1  # the blocker is still running: the waiter left by itself
-    blocker.join(60)
+    blocker.release()
+    wait_for(lambda: srv.stats()["busy"] == 0, 20, what="the blocker to be interrupted")
+    assert srv.stats()["served"] == 1  # the blocker's interrupted query; never the one that left
 
 
 def test_disconnect_while_running_interrupts_the_query(make_server):

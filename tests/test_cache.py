@@ -12,8 +12,8 @@ import pyarrow as pa
 import pytest
 
 from engine import tokens
-from tests.harness import (Server, assert_no_leaks, fleet_segments, http_post, wait_for,
-                           write_small_dataset)
+from tests.harness import (Server, assert_no_leaks, fleet_segments, http_post, server_has_read,
+                           wait_for, write_small_dataset)
 
 CACHE_ON = "[query_cache]\nenabled = true\n"
 AGG = "SELECT host, avg(usage_user) AS u FROM cpu GROUP BY host ORDER BY host"
@@ -143,18 +143,30 @@ def test_a_failure_reaches_every_waiter_once_and_is_not_cached(cached):
 
 def test_waiters_take_over_when_the_leader_leaves(cached):
     sql = "SELECT sum(i) + 1 AS s FROM range(400000000) t(i)"
+    before = cache_stats(cached)
     leader = socket.create_connection(("127.0.0.1", cached.port), timeout=30)
     leader.sendall(http_post({"sql": sql}))
     wait_for(lambda: cache_stats(cached)["in_flight"] == 1, 10, what="the leader's flight")
-    follower = {}
-    thread = threading.Thread(target=lambda: follower.update(r=cached.query(sql)))
-    thread.start()
-    time.sleep(0.2)
+    follower = socket.create_connection(("127.0.0.1", cached.port), timeout=60)
+    follower.sendall(http_post({"sql": sql}).replace(b"Host: x\r\n", b"Host: x\r\nConnection: close\r\n"))
+    # The gateway has read the follower's request (and, on its event loop, put it on the
+    # flight before it can see the leader's disconnect, which comes later), while the
+    # leader's query still runs: the follower waits, it does not lead.
+    wait_for(lambda: server_has_read(follower), 10, what="the gateway to read the follower")
+    now = cache_stats(cached)
+    assert now["in_flight"] == 1 and now["misses"] - before["misses"] == 1
+    assert cached.stats()["busy"] == 1, "the leader's query must still be running"
     leader.close()  # the leader's query is cancelled; the follower must still be answered
-    thread.join(60)
-    assert follower["r"].status == 200, follower["r"]
-    assert follower["r"].headers["X-Cache"] == "miss"
-    assert follower["r"].json()["data"] == [[sum(range(400000000)) + 1]]
+    reply = b""
+    while chunk := follower.recv(65536):
+        reply += chunk
+    follower.close()
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), reply[:300]
+    assert b"X-Cache: miss" in head  # it ran the query itself, as the new leader
+    assert json.loads(body)["data"] == [[399_999_999 * 400_000_000 // 2 + 1]]
+    after = cache_stats(cached)
+    assert after["misses"] - before["misses"] == 2 and after["coalesced"] == before["coalesced"]
 
 
 def test_ttl_expiry(make_server, demo_dir):

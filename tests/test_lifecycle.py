@@ -16,6 +16,8 @@ from tests.harness import assert_no_leaks, fleet_segments, wait_for
 SLOW_SQL = "SELECT sum(i) AS s FROM range(1000000000) t(i)"  # about 2 s on one thread
 SLOW_SUM = 999_999_999 * 1_000_000_000 // 2
 ENDLESS_SQL = "SELECT sum(i) AS s FROM range(1000000000000) t(i)"
+HEAVY_SQL = "SELECT sum(i) AS s FROM range(150000000) t(i)"  # about 0.3 s on one thread
+HEAVY_SUM = 149_999_999 * 150_000_000 // 2
 
 
 def small_query(i: int) -> tuple[str, list]:
@@ -51,42 +53,63 @@ def test_memory_limit_from_budget(make_server):
 
 
 def test_sigkill_worker_under_load(make_server):
+    """A worker killed while it runs a query: that query is retried on the other worker,
+    the client never sees it, and the other worker answers throughout."""
     srv = make_server(config="[queue]\nqueue_timeout_s = 30\n").start()
-    outcomes, stop = [], threading.Event()
+    outcomes, stop, errors = [], threading.Event(), []
 
     def client(n):
-        i = 0
-        while not stop.is_set():
-            sql, expected = small_query(100 + n * 1000 + i % 50)
-            resp = srv.query(sql)
-            outcomes.append((time.monotonic(), resp.status,
-                             resp.json().get("data") == expected if resp.status == 200
-                             else resp.json()["error_type"]))
-            i += 1
+        try:
+            i = 0
+            while not stop.is_set():
+                # One client in four runs a heavier query, so that a worker seen busy
+                # is most often still running it when it is killed.
+                sql, expected = (HEAVY_SQL, [[HEAVY_SUM]]) if n == 0 else \
+                    small_query(100 + n * 1000 + i % 50)
+                resp = srv.query(sql)
+                outcomes.append((time.monotonic(), resp.status,
+                                 resp.json().get("data") == expected if resp.status == 200
+                                 else resp.json()["error_type"]))
+                i += 1
+        except BaseException as exc:  # noqa: BLE001 - fails the test below
+            errors.append(exc)
 
     threads = [threading.Thread(target=client, args=(n,)) for n in range(4)]
     for t in threads:
         t.start()
-    time.sleep(1.0)
-    victim = srv.worker_pids()[0]
-    killed_at = time.monotonic()
-    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: len(outcomes) >= 20, 30, what="the load to run")
+    killed_at = replaced_at = None
+    for _ in range(10):  # until a kill lands on a worker that is running a query
+        before = srv.stats()
+        victim = wait_for(lambda: next((w["pid"] for w in srv.stats()["workers"]
+                                        if w["state"] == "busy"), None), 20, what="a busy worker")
+        killed_at = time.monotonic()
+        os.kill(victim, signal.SIGKILL)
 
-    def replaced():
-        pids = srv.worker_pids()
-        return len(pids) == 2 and victim not in pids
-    wait_for(replaced, 20, what="a replacement worker")
-    replaced_at = time.monotonic()
-    time.sleep(1.0)
+        def replaced():
+            pids = srv.worker_pids()
+            return len(pids) == 2 and victim not in pids
+        wait_for(replaced, 20, what="a replacement worker")
+        replaced_at = time.monotonic()
+        if srv.stats()["crashed"] > before["crashed"]:
+            break
+    after = srv.stats()
+    assert after["crashed"] >= 1, "no kill landed on a running query"
+    wait_for(lambda: srv.stats()["retried"] == srv.stats()["crashed"], 30,
+             what="every lost query to be retried")
+    done = len(outcomes)
+    wait_for(lambda: len(outcomes) >= done + 20, 30, what="queries after the replacement")
     stop.set()
     for t in threads:
         t.join(30)
-    print(f"replacement serving {replaced_at - killed_at:.3f} s after SIGKILL")
+    assert not errors, f"a client thread died: {errors[0]!r}"
+    print(f"replacement serving {replaced_at - killed_at:.3f} s after SIGKILL; "
+          f"crashed {after['crashed']}, retried {srv.stats()['retried']}")
     answered_during = [o for o in outcomes if killed_at < o[0] < replaced_at and o[1] == 200]
     failures = [o for o in outcomes if o[1] != 200]
     assert all(o[2] is True for o in outcomes if o[1] == 200), "a wrong answer"
-    assert all(o[1] == 503 and o[2] == "worker_lost" for o in failures), failures
-    assert not failures  # the query the victim was running was retried on the other worker
+    assert not failures, failures  # the query the victim was running was retried
+    assert srv.events("query_retried")
     assert answered_during or replaced_at - killed_at < 0.05, "the other worker stopped answering"
     new = next(p for p in srv.worker_pids() if p != victim)
     assert srv.query("SELECT 1 AS x").status == 200 and psutil.pid_exists(new)
