@@ -80,3 +80,14 @@ def test_still_serving_after_errors(server):
         server.query(sql)
     assert server.query("SELECT 1 AS ok").json()["data"] == [[1]]
     assert server.stats()["crashed"] == 0
+
+
+@pytest.mark.parametrize("fmt", ["json", "arrow", "csv", "ndjson", "parquet"])
+def test_sql_error_after_the_first_batch_is_a_sql_error(server, fmt):
+    """DuckDB's error in a later batch (pyarrow's reader raises it as an OSError) is still a
+    400 sql_error with DuckDB's message, not an internal error. One segment holds the result,
+    so the status can still say so."""
+    sql = "SELECT CASE WHEN i = 200000 THEN error('late failure') ELSE i END AS x FROM range(200001) t(i)"
+    message = error_of(server.query(sql, format=fmt), 400, "sql_error")
+    assert "late failure" in message
+    assert not server.events("query_failed")
