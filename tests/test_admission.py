@@ -220,3 +220,135 @@ def test_large_json_streams_and_stays_valid(make_server):
     doc = resp.json()
     assert doc["row_count"] == 300_000 == len(doc["data"]) and doc["data"][-1] == [299_999, "v299999"]
     assert doc["execution_time_ms"] > 0 and doc["error"] is None
+
+
+# --- slow clients, the stream buffer and the shared-memory budget ---
+
+FORTY_MB = "SELECT i FROM range(5000000) t(i)"  # 40 MB of Arrow
+EIGHTY_MB = "SELECT i FROM range(10000000) t(i)"  # 80 MB of Arrow
+
+
+def _read_all(sock) -> bytes:
+    """Everything until the server closes the connection (or resets it)."""
+    data = bytearray()
+    try:
+        while chunk := sock.recv(1 << 20):
+            data += chunk
+    except ConnectionResetError:
+        pass
+    sock.close()
+    return bytes(data)
+
+
+def _arrow_reply(sock) -> pa.Table:
+    """Read a whole chunked Arrow reply from a raw socket whose request said Connection: close."""
+    data = _read_all(sock)
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"Transfer-Encoding: chunked" in head, head
+    assert body.endswith(b"0\r\n\r\n"), "the stream was cut"
+    return pa.ipc.open_stream(_dechunk(body)).read_all()
+
+
+def _closing(sql_body: dict) -> bytes:
+    return http_post(sql_body).replace(b"Host: x\r\n", b"Host: x\r\nConnection: close\r\n")
+
+
+@pytest.mark.parametrize("how", ["one-segment", "streamed", "cache-hit"])
+def test_send_timeout_drops_a_client_that_takes_nothing(make_server, how):
+    chunk_mb = 1 if how == "streamed" else 64
+    cache = "[query_cache]\nenabled = true\nmax_result_mb = 64\n" if how == "cache-hit" else ""
+    srv = make_server(workers=1, config=f"[results]\nchunk_mb = {chunk_mb}\nshm_budget_mb = 256\n"
+                                        f"send_timeout_s = 1\n{cache}").start()
+    if how == "cache-hit":  # kept in its segment, sent with sendfile(2) to the next asker
+        assert srv.query(FORTY_MB, format="arrow").headers["X-Cache"] == "miss"
+    sock = raw_socket_request(srv.port, _closing({"sql": FORTY_MB, "format": "arrow"}))
+    # The client reads nothing: after send_timeout_s without progress it is dropped, and
+    # everything it held is freed (the worker too, if it was waiting for room).
+    wait_for(lambda: srv.event("stream_aborted") or srv.event("handler_failed"), 30,
+             what="the slow client to be dropped")
+    assert not srv.events("handler_failed"), srv.event("handler_failed")["traceback"][-300:]
+    wait_for(lambda: srv.stats()["shm_segments_in_use"] == 0 and srv.stats()["busy"] == 0, 20,
+             what="its segments and worker back")
+    data = _read_all(sock)
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    assert b"HTTP/1.1 500" not in body, "an error response was written into the body"
+    if how != "streamed":  # Content-Length: the client sees fewer bytes than announced
+        announced = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                             if line.lower().startswith(b"content-length")))
+        assert len(body) < announced
+    else:  # chunked: the client never sees the last chunk
+        assert not body.endswith(b"0\r\n\r\n")
+    assert srv.query("SELECT 9 AS x").json()["data"] == [[9]]
+
+
+def test_stream_buffer_makes_the_worker_wait_for_a_slow_client(make_server):
+    srv = make_server(config="[results]\nchunk_mb = 1\nstream_buffer_mb = 2\n").start()
+    sock = raw_socket_request(srv.port, _closing({"sql": EIGHTY_MB, "format": "arrow"}))
+    # Far more than the socket buffers hold: with 2 MiB of buffer, the worker must wait.
+    wait_for(lambda: srv.stats()["busy"] == 1 and srv.stats()["shm_segments_in_use"] >= 2, 20,
+             what="the result to fill the stream buffer")
+    held = next(w for w in srv.stats()["workers"] if w["state"] == "busy")
+    peak = 0
+    for n in range(20):  # the other worker serves on meanwhile; the held one stays held
+        assert srv.query(f"SELECT {n} AS n").json()["data"] == [[n]]
+        stats = srv.stats()
+        peak = max(peak, stats["shm_segments_in_use"])
+        worker = next(w for w in stats["workers"] if w["pid"] == held["pid"])
+        assert worker["state"] == "busy" and worker["served"] == held["served"]
+    # At most the stream buffer's 2 segments, plus the one being sent.
+    assert peak <= 3, peak
+    table = _arrow_reply(sock)
+    assert table.num_rows == 10_000_000 and table["i"][9_999_999].as_py() == 9_999_999
+    wait_for(lambda: srv.stats()["busy"] == 0 and srv.stats()["shm_segments_in_use"] == 0, 20,
+             what="the worker and segments back")
+
+
+def test_results_contend_for_the_shm_budget_and_wait(make_server):
+    config = "[results]\nchunk_mb = 1\nshm_budget_mb = 4\nshm_prealloc_mb = 0\nshm_idle_mb = 4\n"
+    srv = make_server(config=config).start()
+    socks = [raw_socket_request(srv.port, _closing({"sql": f"{EIGHTY_MB} WHERE i >= {k}",
+                                                    "format": "arrow"})) for k in (0, 1)]
+    # Two results larger than the budget, clients not reading: every segment is in use and
+    # the writers wait for room (back-pressure, never an error, never a segment over budget).
+    wait_for(lambda: srv.stats()["shm_segments_in_use"] == 4 and srv.stats()["shm_waiting"] >= 1,
+             20, what="both results to exhaust the budget")
+    assert srv.stats()["busy"] == 2 and srv.stats()["shm_segments_created"] == 4
+    tables = [None, None]
+    readers = [threading.Thread(target=lambda k=k: tables.__setitem__(k, _arrow_reply(socks[k])))
+               for k in (0, 1)]
+    for t in readers:
+        t.start()
+    for t in readers:
+        t.join(120)
+    for k, table in enumerate(tables):
+        assert table is not None and table.num_rows == 10_000_000 - k
+        assert table["i"][0].as_py() == k and table["i"][-1].as_py() == 9_999_999
+    stats = srv.stats()
+    assert stats["shm_segments_created"] == 4, "the budget was exceeded"
+    wait_for(lambda: srv.stats()["shm_segments_in_use"] == 0, 10, what="segments back")
+    assert srv.stats()["rejected"] == {"queue_full": 0, "queue_timeout": 0}
+
+
+@pytest.mark.parametrize("reason", ["sql_error", "too_large"])
+def test_json_failure_midway_aborts_the_stream(make_server, reason):
+    limit = "max_result_mb = 5\n" if reason == "too_large" else ""
+    srv = make_server(config="[results]\nchunk_mb = 1\n" + limit).start()
+    sql = ("SELECT i, CASE WHEN i = 999999 THEN error('deep in the data') ELSE 'v' || i END AS s "
+           "FROM range(1000000) t(i)" if reason == "sql_error"
+           else "SELECT i, 'v' || i AS s FROM range(1000000) t(i)")  # about 17 MB of JSON
+    conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=60)
+    conn.request("POST", "/api/v1/query", json.dumps({"sql": sql}).encode())
+    resp = conn.getresponse()
+    assert resp.status == 200 and resp.getheader("Transfer-Encoding") == "chunked"
+    with pytest.raises(http.client.IncompleteRead) as cut:
+        resp.read()
+    conn.close()
+    partial = cut.value.partial
+    assert partial.startswith(b'{"success":true,"columns":["i","s"],"data":[[0,"v0"]')
+    with pytest.raises(ValueError):
+        json.loads(partial)  # never a silently short result that parses
+    aborted = wait_for(lambda: srv.event("stream_aborted"), 10, what="the abort in the log")
+    assert ("deep in the data" if reason == "sql_error" else "max_result_mb") in aborted["error"]
+    wait_for(lambda: srv.stats()["shm_segments_in_use"] == 0, 10, what="segments back")
+    assert srv.query("SELECT 1 AS x").json()["data"] == [[1]]
