@@ -67,6 +67,7 @@ class Server:
                     **(env or {})}
         self.args = args or []
         self.process: subprocess.Popen | None = None
+        self.host = "127.0.0.1"
         self.port = 0
         self.descendants: set[int] = set()
 
@@ -161,7 +162,7 @@ class Server:
 
     def request(self, method: str, path: str, body: bytes | None = None,
                 headers: dict | None = None, timeout: float = 60) -> Response:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
         try:
             conn.request(method, path, body=body, headers=headers or {})
             resp = conn.getresponse()

@@ -2,11 +2,13 @@
 
 import os
 import signal
+import socket
 import stat
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import duckdb
 import psutil
 import pytest
 
@@ -211,7 +213,6 @@ def test_private_runtime_dir_and_modes(make_server):
 
 def test_unix_socket_http(make_server, tmp_path):
     import http.client
-    import socket
 
     path = tmp_path / "http.sock"
     srv = make_server(config=f'[server]\nunix_socket = "{path}"\n').start()
@@ -235,3 +236,59 @@ def test_demo_data_written_on_first_start(make_server, tmp_path):
     assert srv.query("SELECT count(*) FROM cpu").json()["data"] == [[336_000]]
     assert sorted(p.name for p in (data / "default").iterdir()) == ["cpu", "disk", "mem"]
     assert [p.name for p in data.iterdir()] == ["default"]  # no staging dir left
+
+
+def test_readiness_boot_timeout_and_crash_backoff(make_server, tmp_path):
+    """Workers that cannot boot: /ready and /health/ready say 503 while no worker is connected;
+    each is killed at boot_timeout_s and restarted after a backoff capped at
+    crash_backoff_max_s; once they can boot, readiness turns 200.
+
+    The gate is a FIFO attached as a database: opening it blocks until a writer comes, so a
+    worker hangs in its boot for as long as the test wants, without a sleep."""
+    import duckdb
+
+    gate = tmp_path / "gate.duckdb"
+    os.mkfifo(gate)
+    srv = make_server(workers=1, config=(
+        "[workers]\nboot_timeout_s = 1\ncrash_backoff_max_s = 0.2\n"
+        f'[catalog.databases]\ngate = "{gate}"\n'))
+    srv.start(wait_ready=False)
+    wait_for(lambda: any(e.get("process") == "gateway" for e in srv.events("ready")), 30,
+             what="the gateway")
+    # Four boot timeouts: backoff 0.1 s, then 0.2 s, then capped at 0.2 s.
+    wait_for(lambda: len(srv.events("crash_backoff")) >= 3, 60, what="three backoffs")
+    for path in ("/ready", "/health/ready"):
+        resp = srv.get(path)
+        assert resp.status == 503, (path, resp)
+        assert resp.json() == {"ready": False, "workers_ready": 0}
+    assert srv.get("/health").json() == {"status": "starting", "workers_ready": 0}
+    assert srv.get("/health/live").status == 200
+    assert srv.query("SELECT 1", timeout=30).json()["error_type"] == "overloaded"  # no worker
+    unresponsive = srv.events("worker_unresponsive")
+    assert len(unresponsive) >= 3 and not any(e["ready"] for e in unresponsive)
+    assert [e["signal"] for e in srv.events("crashed")][:3] == ["SIGKILL"] * 3
+    assert [e["delay_s"] for e in srv.events("crash_backoff")][:3] == [0.1, 0.2, 0.2]
+    assert not srv.events("worker_ready")
+
+    # Open the gate: a real database file where the FIFO was; the next worker boots.
+    real = tmp_path / "real.duckdb"
+    duckdb.connect(str(real)).close()
+    os.replace(real, gate)
+    srv.wait_ready(timeout=60)
+    for path in ("/ready", "/health/ready"):
+        resp = srv.get(path)
+        assert resp.status == 200 and resp.json() == {"ready": True, "workers_ready": 1}
+    assert srv.query("SELECT 1 AS x").json()["data"] == [[1]]
+
+
+def test_host_flag_overrides_file_and_environment(make_server):
+    srv = make_server(config='[server]\nhost = "127.0.0.3"\n',
+                      env={"DUCKFLEET_SERVER_HOST": "127.0.0.4"}, args=["--host", "127.0.0.2"])
+    srv.start(wait_ready=False)
+    assert srv.event("listening")["host"] == "127.0.0.2"
+    srv.host = "127.0.0.2"
+    srv.wait_ready()
+    assert srv.query("SELECT 1 AS x").json()["data"] == [[1]]
+    for other in ("127.0.0.1", "127.0.0.3", "127.0.0.4"):
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection((other, srv.port), timeout=5).close()
