@@ -284,3 +284,20 @@ def test_two_tokens_never_share_rows(make_server, tmp_path):
     clear = srv.request("POST", "/api/v1/cache/clear",
                         headers={"Authorization": f"Bearer {made['just_other']}"})
     assert clear.status == 403
+
+
+def test_volatile_results_live_volatile_ttl_seconds(make_server):
+    srv = make_server(config=CACHE_ON + "ttl_seconds = 600\nvolatile_ttl_seconds = 1\n").start()
+    clock = "SELECT now() AS t, random() AS r"
+    first = srv.query(clock)
+    again = srv.query(clock)
+    assert (first.headers["X-Cache"], again.headers["X-Cache"]) == ("miss", "hit")
+    assert again.json()["data"] == first.json()["data"]  # the same instant and the same draw
+    assert srv.query(AGG).headers["X-Cache"] == "miss"
+    wait_for(lambda: cache_stats(srv)["evicted_by_reason"]["ttl"] == 1, 10,
+             what="the volatile entry to expire")
+    later = srv.query(clock)
+    assert later.headers["X-Cache"] == "miss" and later.json()["data"] != first.json()["data"]
+    # Only the volatile entry went: the other one keeps its ttl_seconds.
+    assert srv.query(AGG).headers["X-Cache"] == "hit"
+    assert cache_stats(srv)["volatile_ttl_seconds"] == 1
