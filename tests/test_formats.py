@@ -280,3 +280,11 @@ def test_million_rows_every_format(server, local):
 def test_parameters(server):
     resp = server.query("SELECT $1::INTEGER + 1 AS a, $2::VARCHAR AS b", params=[41, "x"])
     assert resp.json()["data"] == [[42, "x"]]
+
+
+def test_csv_quoting_as_documented(server):
+    """The README: every cell in double quotes, numbers and header too, inner quotes doubled;
+    NULL the one unquoted (empty) cell."""
+    resp = server.query("SELECT NULL::VARCHAR AS a, '' AS b, 'x\"y' AS c, 1 AS d, [1, 2] AS l",
+                        format="csv")
+    assert resp.body == b'"a","b","c","d","l"\n,"","x""y","1","[1,2]"\n'
