@@ -332,11 +332,11 @@ def test_results_contend_for_the_shm_budget_and_wait(make_server):
 
 @pytest.mark.parametrize("reason", ["sql_error", "too_large"])
 def test_json_failure_midway_aborts_the_stream(make_server, reason):
-    limit = "max_result_mb = 5\n" if reason == "too_large" else ""
+    limit = "max_result_mb = 3\n" if reason == "too_large" else ""
     srv = make_server(config="[results]\nchunk_mb = 1\n" + limit).start()
-    sql = ("SELECT i, CASE WHEN i = 999999 THEN error('deep in the data') ELSE 'v' || i END AS s "
-           "FROM range(1000000) t(i)" if reason == "sql_error"
-           else "SELECT i, 'v' || i AS s FROM range(1000000) t(i)")  # about 17 MB of JSON
+    sql = ("SELECT i, CASE WHEN i = 399999 THEN error('deep in the data') ELSE 'v' || i END AS s "
+           "FROM range(400000) t(i)" if reason == "sql_error"
+           else "SELECT i, 'v' || i AS s FROM range(400000) t(i)")  # about 6 MB of JSON
     conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=60)
     conn.request("POST", "/api/v1/query", json.dumps({"sql": sql}).encode())
     resp = conn.getresponse()

@@ -250,7 +250,7 @@ def test_readiness_boot_timeout_and_crash_backoff(make_server, tmp_path):
     gate = tmp_path / "gate.duckdb"
     os.mkfifo(gate)
     srv = make_server(workers=1, config=(
-        "[workers]\nboot_timeout_s = 1\ncrash_backoff_max_s = 0.2\n"
+        "[workers]\nboot_timeout_s = 1\ncrash_backoff_max_s = 0.2\n[queue]\nqueue_timeout_s = 0.5\n"
         f'[catalog.databases]\ngate = "{gate}"\n'))
     srv.start(wait_ready=False)
     wait_for(lambda: any(e.get("process") == "gateway" for e in srv.events("ready")), 30,
@@ -263,7 +263,8 @@ def test_readiness_boot_timeout_and_crash_backoff(make_server, tmp_path):
         assert resp.json() == {"ready": False, "workers_ready": 0}
     assert srv.get("/health").json() == {"status": "starting", "workers_ready": 0}
     assert srv.get("/health/live").status == 200
-    assert srv.query("SELECT 1", timeout=30).json()["error_type"] == "overloaded"  # no worker
+    no_worker = srv.query("SELECT 1", timeout=30)
+    assert no_worker.status == 503 and no_worker.json()["error_type"] == "overloaded"
     unresponsive = srv.events("worker_unresponsive")
     assert len(unresponsive) >= 3 and not any(e["ready"] for e in unresponsive)
     assert [e["signal"] for e in srv.events("crashed")][:3] == ["SIGKILL"] * 3
