@@ -224,6 +224,11 @@ def http_post(sql_body: dict) -> bytes:
             + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
 
 
+def http_post_closing(sql_body: dict) -> bytes:
+    """http_post with Connection: close: the reply ends when the server closes."""
+    return http_post(sql_body).replace(b"Host: x\r\n", b"Host: x\r\nConnection: close\r\n")
+
+
 def write_small_dataset(data_dir: Path, databases=("default", "other")) -> Path:
     """A tiny Arc layout: <db>/cpu/2025/11/01/00/cpu.parquet with 10 rows naming their database."""
     import duckdb

@@ -10,7 +10,7 @@ import duckdb
 import pyarrow as pa
 import pytest
 
-from tests.harness import http_post, raw_socket_request, wait_for
+from tests.harness import http_post, http_post_closing, raw_socket_request, wait_for
 
 SLOW_SQL = "SELECT sum(i) AS s FROM range(500000000) t(i)"  # about 1 s on one thread
 ENDLESS_SQL = "SELECT sum(i) AS s FROM range(1000000000000) t(i)"
@@ -249,10 +249,6 @@ def _arrow_reply(sock) -> pa.Table:
     return pa.ipc.open_stream(_dechunk(body)).read_all()
 
 
-def _closing(sql_body: dict) -> bytes:
-    return http_post(sql_body).replace(b"Host: x\r\n", b"Host: x\r\nConnection: close\r\n")
-
-
 @pytest.mark.parametrize("how", ["one-segment", "streamed", "cache-hit"])
 def test_send_timeout_drops_a_client_that_takes_nothing(make_server, how):
     chunk_mb = 1 if how == "streamed" else 64
@@ -261,7 +257,7 @@ def test_send_timeout_drops_a_client_that_takes_nothing(make_server, how):
                                         f"send_timeout_s = 1\n{cache}").start()
     if how == "cache-hit":  # kept in its segment, sent with sendfile(2) to the next asker
         assert srv.query(FORTY_MB, format="arrow").headers["X-Cache"] == "miss"
-    sock = raw_socket_request(srv.port, _closing({"sql": FORTY_MB, "format": "arrow"}))
+    sock = raw_socket_request(srv.port, http_post_closing({"sql": FORTY_MB, "format": "arrow"}))
     # The client reads nothing: after send_timeout_s without progress it is dropped, and
     # everything it held is freed (the worker too, if it was waiting for room).
     wait_for(lambda: srv.event("stream_aborted") or srv.event("handler_failed"), 30,
@@ -284,7 +280,7 @@ def test_send_timeout_drops_a_client_that_takes_nothing(make_server, how):
 
 def test_stream_buffer_makes_the_worker_wait_for_a_slow_client(make_server):
     srv = make_server(config="[results]\nchunk_mb = 1\nstream_buffer_mb = 2\n").start()
-    sock = raw_socket_request(srv.port, _closing({"sql": EIGHTY_MB, "format": "arrow"}))
+    sock = raw_socket_request(srv.port, http_post_closing({"sql": EIGHTY_MB, "format": "arrow"}))
     # Far more than the socket buffers hold: with 2 MiB of buffer, the worker must wait.
     wait_for(lambda: srv.stats()["busy"] == 1 and srv.stats()["shm_segments_in_use"] >= 2, 20,
              what="the result to fill the stream buffer")
@@ -307,8 +303,8 @@ def test_stream_buffer_makes_the_worker_wait_for_a_slow_client(make_server):
 def test_results_contend_for_the_shm_budget_and_wait(make_server):
     config = "[results]\nchunk_mb = 1\nshm_budget_mb = 4\nshm_prealloc_mb = 0\nshm_idle_mb = 4\n"
     srv = make_server(config=config).start()
-    socks = [raw_socket_request(srv.port, _closing({"sql": f"{EIGHTY_MB} WHERE i >= {k}",
-                                                    "format": "arrow"})) for k in (0, 1)]
+    socks = [raw_socket_request(srv.port, http_post_closing(
+        {"sql": f"{EIGHTY_MB} WHERE i >= {k}", "format": "arrow"})) for k in (0, 1)]
     # Two results larger than the budget, clients not reading: every segment is in use and
     # the writers wait for room (back-pressure, never an error, never a segment over budget).
     wait_for(lambda: srv.stats()["shm_segments_in_use"] == 4 and srv.stats()["shm_waiting"] >= 1,

@@ -5,15 +5,14 @@ import json
 import shutil
 import socket
 import threading
-import time
 
 import duckdb
 import pyarrow as pa
 import pytest
 
 from engine import tokens
-from tests.harness import (Server, assert_no_leaks, fleet_segments, http_post, server_has_read,
-                           wait_for, write_small_dataset)
+from tests.harness import (Server, assert_no_leaks, fleet_segments, http_post,
+                           http_post_closing, server_has_read, wait_for, write_small_dataset)
 
 CACHE_ON = "[query_cache]\nenabled = true\n"
 AGG = "SELECT host, avg(usage_user) AS u FROM cpu GROUP BY host ORDER BY host"
@@ -148,7 +147,7 @@ def test_waiters_take_over_when_the_leader_leaves(cached):
     leader.sendall(http_post({"sql": sql}))
     wait_for(lambda: cache_stats(cached)["in_flight"] == 1, 10, what="the leader's flight")
     follower = socket.create_connection(("127.0.0.1", cached.port), timeout=60)
-    follower.sendall(http_post({"sql": sql}).replace(b"Host: x\r\n", b"Host: x\r\nConnection: close\r\n"))
+    follower.sendall(http_post_closing({"sql": sql}))
     # The gateway has read the follower's request (and, on its event loop, put it on the
     # flight before it can see the leader's disconnect, which comes later), while the
     # leader's query still runs: the follower waits, it does not lead.

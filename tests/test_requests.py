@@ -75,6 +75,13 @@ def test_unknown_route_is_json(server):
     error_of(server.get("/api/v1/query"), 405, "bad_request")
 
 
+def test_ready_once_workers_are_connected(server):
+    for path in ("/ready", "/health/ready"):
+        resp = server.get(path)
+        assert resp.status == 200 and resp.json() == {"ready": True, "workers_ready": 2}
+    assert server.get("/health").json() == {"status": "ok", "workers_ready": 2}
+
+
 def test_still_serving_after_errors(server):
     for sql in FORBIDDEN[:5] + ["SELEC", "SELECT nope"]:
         server.query(sql)
