@@ -292,7 +292,8 @@ def test_stream_buffer_makes_the_worker_wait_for_a_slow_client(make_server):
         peak = max(peak, stats["shm_segments_in_use"])
         worker = next(w for w in stats["workers"] if w["pid"] == held["pid"])
         assert worker["state"] == "busy" and worker["served"] == held["served"]
-    # At most the stream buffer's 2 segments, plus the one being sent.
+    # The slow client's job holds at most its 2 MiB (2 segments); the other worker's
+    # queries one more.
     assert peak <= 3, peak
     table = _arrow_reply(sock)
     assert table.num_rows == 10_000_000 and table["i"][9_999_999].as_py() == 9_999_999
