@@ -62,16 +62,21 @@ def test_queue_full_and_queue_timeout(make_server):
 
 def _queue_in_order(srv, priorities, pause: float = 0.0):
     """Occupy the only worker, queue one request per priority in the given order (`pause`
-    seconds apart), release the worker; return the order in which they were served."""
-    served = []
+    seconds apart), release the worker; return the order in which they were served.
+
+    That order is the worker's: each query reads the clock as it starts (the one worker runs
+    them one after another), not the order in which the client threads see their replies."""
+    started: dict[int, int] = {}
     blocker = Blocker(srv)
     threads, errors = [], []
     for n, priority in enumerate(priorities):
-        def run(priority=priority, n=n):
-            resp = srv.query(f"SELECT {n} AS n", priority=priority)
+        def run(n=n, priority=priority):
+            resp = srv.query(f"SELECT {n} AS n, epoch_us(now()) AS t", priority=priority)
             if resp.status != 200:
                 errors.append(resp)
-            served.append(priority)
+            else:
+                [[got, started[n]]] = resp.json()["data"]
+                assert got == n
         t = threading.Thread(target=run)
         t.start()
         threads.append(t)
@@ -84,7 +89,8 @@ def _queue_in_order(srv, priorities, pause: float = 0.0):
     for t in threads:
         t.join(60)
     assert not errors, errors
-    return served
+    assert len(started) == len(priorities)
+    return [priorities[n] for n in sorted(started, key=started.get)]
 
 
 def test_priority_order_under_contention(make_server):
@@ -103,20 +109,21 @@ def test_aging_serves_a_long_waiting_low_priority_first(make_server):
 def test_route_default_priority(make_server):
     srv = make_server(workers=1, config='[queue]\narrow_priority = "low"\npriority_aging_s = 600\n'
                                         'queue_timeout_s = 60\n').start()
-    served = []
+    started = {}  # the worker's clock as each query starts: the order it served them
+    sql = "SELECT epoch_us(now()) AS t"
     blocker = Blocker(srv)
-    a = threading.Thread(target=lambda: (srv.query("SELECT 1", path="/api/v1/query/arrow"),
-                                         served.append("arrow")))
+    a = threading.Thread(target=lambda: started.update(arrow=pa.ipc.open_stream(
+        srv.query(sql, path="/api/v1/query/arrow").body).read_all()["t"][0].as_py()))
     a.start()
     wait_for(lambda: srv.stats()["queued_by_priority"]["low"] == 1, 10, what="arrow queued low")
-    j = threading.Thread(target=lambda: (srv.query("SELECT 1"), served.append("json")))
+    j = threading.Thread(target=lambda: started.update(json=srv.query(sql).json()["data"][0][0]))
     j.start()
     wait_for(lambda: srv.stats()["queued"] == 2, 10, what="json queued")
     assert srv.stats()["served"] == 0
     blocker.release()
     for t in (a, j):
         t.join(60)
-    assert served == ["json", "arrow"]
+    assert sorted(started, key=started.get) == ["json", "arrow"]
 
 
 def test_request_timeout_cannot_raise_the_limit(make_server):

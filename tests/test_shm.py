@@ -87,7 +87,7 @@ def test_worker_crash_mid_query(make_server):
     wait_for(lambda: srv.stats()["busy"] == 1, 10, what="the query to start")
     for _ in range(2):
         busy = wait_for(lambda: next((w["pid"] for w in srv.stats()["workers"]
-                                      if w["state"] == "busy"), None), 20, what="a busy worker")
+                                      if w["state"] == "busy"), None), 60, what="a busy worker")
         os.kill(busy, signal.SIGKILL)
         wait_for(lambda: busy not in srv.worker_pids(), 10, what="the gateway to notice")
     t.join(30)
