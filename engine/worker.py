@@ -415,6 +415,9 @@ class Worker:
                 # DuckDB's interrupt can surface through pyarrow's batch reader as an OSError.
                 return protocol.Failure(query.id, Kind.TIMEOUT,
                                         "query interrupted: it ran past its deadline")
+            if isinstance(exc, OSError) and exc.errno is None:
+                # DuckDB's error in a batch after the first, raised by pyarrow's batch reader.
+                return protocol.Failure(query.id, Kind.SQL_ERROR, str(exc))
             log.error("query_failed", exc_info=True, query_id=query.id)
             return protocol.Failure(query.id, Kind.INTERNAL, f"internal error: {type(exc).__name__}")
         finally:

@@ -111,12 +111,15 @@ async def send_entry(request: web.Request, entry: Entry, fmt: str, cache_state: 
     response = web.StreamResponse(headers=headers)
     response.content_length = entry.length + len(tail)
     writer = await response.prepare(request)
-    with _unbuffered(request) as transport:
-        async with asyncio.timeout(send_timeout):
-            await writer.drain()  # the headers: sendfile writes behind the transport's back
-        for segment, length in entry.segments:
-            await sendfile(transport, segment.fd, 0, length, send_timeout)
-            writer.output_size += length
+    try:
+        with _unbuffered(request) as transport:
+            async with asyncio.timeout(send_timeout):
+                await writer.drain()  # the headers: sendfile writes behind the transport's back
+            for segment, length in entry.segments:
+                await sendfile(transport, segment.fd, 0, length, send_timeout)
+                writer.output_size += length
+    except TimeoutError:
+        return _abort(request, response, send_timeout)
     if tail:
         await response.write(tail)
     await response.write_eof()
@@ -165,7 +168,10 @@ async def _send_whole(request, job: Job, fmt: str, segment: Segment, length: int
         response = web.StreamResponse(headers=headers)
         response.content_length = length + len(tail)
         writer = await response.prepare(request)
-        await _send_view(request, response, writer, segment.view[:length], send_timeout)
+        try:
+            await _send_view(request, response, writer, segment.view[:length], send_timeout)
+        except TimeoutError:
+            return _abort(request, response, send_timeout)
     finally:
         job.sent(segment)
     if tail:
@@ -183,6 +189,15 @@ async def _send_view(request: web.Request, response: web.StreamResponse, writer,
                 await response.write(view[offset:offset + SLICE])
         async with asyncio.timeout(send_timeout):
             await writer.drain()  # with the limit at zero: until the kernel has every byte
+
+
+def _abort(request: web.Request, response: web.StreamResponse, send_timeout: float):
+    """A client that took no bytes for send_timeout_s, after the headers (Content-Length)
+    were sent: drop the connection; an error response now would land inside the body."""
+    log.warning("stream_aborted", error=f"the client took no bytes for {send_timeout:g} s")
+    if request.transport is not None:
+        request.transport.abort()
+    return response
 
 
 @contextlib.contextmanager

@@ -67,6 +67,7 @@ class Server:
                     **(env or {})}
         self.args = args or []
         self.process: subprocess.Popen | None = None
+        self.host = "127.0.0.1"
         self.port = 0
         self.descendants: set[int] = set()
 
@@ -161,7 +162,7 @@ class Server:
 
     def request(self, method: str, path: str, body: bytes | None = None,
                 headers: dict | None = None, timeout: float = 60) -> Response:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
         try:
             conn.request(method, path, body=body, headers=headers or {})
             resp = conn.getresponse()
@@ -202,10 +203,30 @@ def raw_socket_request(port: int, payload: bytes) -> socket.socket:
     return sock
 
 
+def server_has_read(sock: socket.socket) -> bool:
+    """Whether the server side of this loopback TCP connection has read every byte we sent
+    (its receive queue in /proc/net/tcp is empty): the request is in the gateway's hands."""
+    client_port = sock.getsockname()[1]
+    server_port = sock.getpeername()[1]
+    with open("/proc/net/tcp") as table:
+        for line in table.readlines()[1:]:
+            fields = line.split()
+            local, remote, queues = fields[1], fields[2], fields[4]
+            if int(local.split(":")[1], 16) == server_port and \
+                    int(remote.split(":")[1], 16) == client_port:
+                return int(queues.split(":")[1], 16) == 0
+    return False
+
+
 def http_post(sql_body: dict) -> bytes:
     body = json.dumps(sql_body).encode()
     return (b"POST /api/v1/query HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
             + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+
+
+def http_post_closing(sql_body: dict) -> bytes:
+    """http_post with Connection: close: the reply ends when the server closes."""
+    return http_post(sql_body).replace(b"Host: x\r\n", b"Host: x\r\nConnection: close\r\n")
 
 
 def write_small_dataset(data_dir: Path, databases=("default", "other")) -> Path:

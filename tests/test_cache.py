@@ -5,15 +5,14 @@ import json
 import shutil
 import socket
 import threading
-import time
 
 import duckdb
 import pyarrow as pa
 import pytest
 
 from engine import tokens
-from tests.harness import (Server, assert_no_leaks, fleet_segments, http_post, wait_for,
-                           write_small_dataset)
+from tests.harness import (Server, assert_no_leaks, fleet_segments, http_post,
+                           http_post_closing, server_has_read, wait_for, write_small_dataset)
 
 CACHE_ON = "[query_cache]\nenabled = true\n"
 AGG = "SELECT host, avg(usage_user) AS u FROM cpu GROUP BY host ORDER BY host"
@@ -143,18 +142,30 @@ def test_a_failure_reaches_every_waiter_once_and_is_not_cached(cached):
 
 def test_waiters_take_over_when_the_leader_leaves(cached):
     sql = "SELECT sum(i) + 1 AS s FROM range(400000000) t(i)"
+    before = cache_stats(cached)
     leader = socket.create_connection(("127.0.0.1", cached.port), timeout=30)
     leader.sendall(http_post({"sql": sql}))
     wait_for(lambda: cache_stats(cached)["in_flight"] == 1, 10, what="the leader's flight")
-    follower = {}
-    thread = threading.Thread(target=lambda: follower.update(r=cached.query(sql)))
-    thread.start()
-    time.sleep(0.2)
+    follower = socket.create_connection(("127.0.0.1", cached.port), timeout=60)
+    follower.sendall(http_post_closing({"sql": sql}))
+    # The gateway has read the follower's request (and, on its event loop, put it on the
+    # flight before it can see the leader's disconnect, which comes later), while the
+    # leader's query still runs: the follower waits, it does not lead.
+    wait_for(lambda: server_has_read(follower), 10, what="the gateway to read the follower")
+    now = cache_stats(cached)
+    assert now["in_flight"] == 1 and now["misses"] - before["misses"] == 1
+    assert cached.stats()["busy"] == 1, "the leader's query must still be running"
     leader.close()  # the leader's query is cancelled; the follower must still be answered
-    thread.join(60)
-    assert follower["r"].status == 200, follower["r"]
-    assert follower["r"].headers["X-Cache"] == "miss"
-    assert follower["r"].json()["data"] == [[sum(range(400000000)) + 1]]
+    reply = b""
+    while chunk := follower.recv(65536):
+        reply += chunk
+    follower.close()
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), reply[:300]
+    assert b"X-Cache: miss" in head  # it ran the query itself, as the new leader
+    assert json.loads(body)["data"] == [[399_999_999 * 400_000_000 // 2 + 1]]
+    after = cache_stats(cached)
+    assert after["misses"] - before["misses"] == 2 and after["coalesced"] == before["coalesced"]
 
 
 def test_ttl_expiry(make_server, demo_dir):
@@ -272,3 +283,20 @@ def test_two_tokens_never_share_rows(make_server, tmp_path):
     clear = srv.request("POST", "/api/v1/cache/clear",
                         headers={"Authorization": f"Bearer {made['just_other']}"})
     assert clear.status == 403
+
+
+def test_volatile_results_live_volatile_ttl_seconds(make_server):
+    srv = make_server(config=CACHE_ON + "ttl_seconds = 600\nvolatile_ttl_seconds = 1\n").start()
+    clock = "SELECT now() AS t, random() AS r"
+    first = srv.query(clock)
+    again = srv.query(clock)
+    assert (first.headers["X-Cache"], again.headers["X-Cache"]) == ("miss", "hit")
+    assert again.json()["data"] == first.json()["data"]  # the same instant and the same draw
+    assert srv.query(AGG).headers["X-Cache"] == "miss"
+    wait_for(lambda: cache_stats(srv)["evicted_by_reason"]["ttl"] == 1, 10,
+             what="the volatile entry to expire")
+    later = srv.query(clock)
+    assert later.headers["X-Cache"] == "miss" and later.json()["data"] != first.json()["data"]
+    # Only the volatile entry went: the other one keeps its ttl_seconds.
+    assert srv.query(AGG).headers["X-Cache"] == "hit"
+    assert cache_stats(srv)["volatile_ttl_seconds"] == 1

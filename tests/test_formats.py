@@ -131,9 +131,10 @@ def test_json_has_arc_shape_and_documented_encoding(server):
 def test_json_agrees_with_arrow(server):
     table = pa.ipc.open_stream(server.query(TYPES_SQL, format="arrow").body).read_all()
     data = server.query(TYPES_SQL).json()["data"]
-    for row_json, row_arrow in zip(data, table.to_pylist()):
+    assert len(data) == table.num_rows == len(EXPECTED_JSON)
+    for row_json, row_arrow in zip(data, table.to_pylist(), strict=True):
         assert row_json == [as_json_value(v, field.type)
-                            for v, field in zip(row_arrow.values(), table.schema)]
+                            for v, field in zip(row_arrow.values(), table.schema, strict=True)]
 
 
 def test_ndjson_and_csv_agree_with_json(server):
@@ -141,13 +142,14 @@ def test_ndjson_and_csv_agree_with_json(server):
     ndjson = server.query(TYPES_SQL, format="ndjson")
     assert ndjson.headers["Content-Type"].startswith("application/x-ndjson")
     lines = ndjson.body.decode().splitlines()
-    assert [json.loads(line) for line in lines] == [dict(zip(COLUMNS, row)) for row in data]
+    assert [json.loads(line) for line in lines] == [dict(zip(COLUMNS, row, strict=True)) for row in data]
 
     resp = server.query(TYPES_SQL, format="csv")
     assert resp.headers["Content-Type"].startswith("text/csv")
     rows = list(csv.reader(io.StringIO(resp.body.decode())))
     assert rows[0] == COLUMNS
-    for cells, row in zip(rows[1:], data):
+    assert len(rows) == 1 + len(data) == 1 + len(EXPECTED_JSON), rows  # not just a header
+    for cells, row in zip(rows[1:], data, strict=True):
         assert cells == [_csv_text(v) for v in row]
 
 
@@ -166,9 +168,70 @@ def test_parquet_matches_in_process(server, local):
     expected = local.sql(TYPES_SQL).to_arrow_table()
     rows = normalized_rows(expected)
     span = COLUMNS.index("span")
-    for row, text in zip(rows, ["1 day 02:00:00", "3 months"]):
+    for row, text in zip(rows, ["1 day 02:00:00", "3 months"], strict=True):
         row[span] = text  # Parquet has no month-day-nano interval: its text
     assert normalized_rows(got) == rows
+
+
+# The README's rows for the types TYPES_SQL leaves out.
+MORE_TYPES_SQL = """
+SELECT * FROM (VALUES
+  (TIME '08:00:00', TIME '23:59:59.123456', '0b1a2c3d-4e5f-6789-abcd-ef0123456789'::UUID,
+   'happy'::ENUM('sad', 'ok', 'happy'), 2.5::FLOAT, 'nan'::FLOAT, '-inf'::FLOAT, 0.1::FLOAT,
+   [1, 2, 3]::INTEGER[3], ['a', NULL]::VARCHAR[2], TIMESTAMP_S '2025-11-01 08:00:00',
+   TIMESTAMP_MS '2025-11-01 08:00:00.123', TIMESTAMP_NS '2025-11-01 08:00:00.123456789'),
+  (TIME '00:00:00.5', NULL, NULL, 'sad'::ENUM('sad', 'ok', 'happy'), -1.0::FLOAT, 'inf'::FLOAT,
+   NULL, NULL, [-1, NULL, 0]::INTEGER[3], NULL, TIMESTAMP_S '1970-01-01 00:00:00', NULL,
+   TIMESTAMP_NS '2262-04-11 23:47:16.854775')
+) AS t(t, t_frac, id, mood, f, f_nan, f_inf, f_tenth, arr, arr_text, ts_s, ts_ms, ts_ns)
+"""
+MORE_COLUMNS = ["t", "t_frac", "id", "mood", "f", "f_nan", "f_inf", "f_tenth", "arr", "arr_text",
+                "ts_s", "ts_ms", "ts_ns"]
+MORE_EXPECTED_JSON = [
+    ["08:00:00", "23:59:59.123456", "0b1a2c3d-4e5f-6789-abcd-ef0123456789", "happy", 2.5, "NaN",
+     "-Infinity", 0.10000000149011612,  # a FLOAT is the double it widens to
+     [1, 2, 3], ["a", None], "2025-11-01T08:00:00.000000", "2025-11-01T08:00:00.123000",
+     "2025-11-01T08:00:00.123456"],  # nanoseconds are cut to microseconds
+    ["00:00:00.5", None, None, "sad", -1.0, "Infinity", None, None, [-1, None, 0], None,
+     "1970-01-01T00:00:00.000000", None, "2262-04-11T23:47:16.854775"],
+]
+
+
+def test_more_types_every_format(server, local):
+    """TIME, UUID, ENUM, FLOAT, ARRAY and TIMESTAMP_S/MS/NS as the README documents them."""
+    doc = server.query(MORE_TYPES_SQL).json()
+    assert doc["columns"] == MORE_COLUMNS
+    assert doc["data"] == MORE_EXPECTED_JSON
+    lines = server.query(MORE_TYPES_SQL, format="ndjson").body.decode().splitlines()
+    assert [json.loads(line) for line in lines] == \
+        [dict(zip(MORE_COLUMNS, row, strict=True)) for row in MORE_EXPECTED_JSON]
+    rows = list(csv.reader(io.StringIO(server.query(MORE_TYPES_SQL, format="csv").body.decode())))
+    assert rows[0] == MORE_COLUMNS and len(rows) == 1 + len(MORE_EXPECTED_JSON)
+    for cells, row in zip(rows[1:], MORE_EXPECTED_JSON, strict=True):
+        assert cells == [_csv_text(v) for v in row]
+
+    # Arrow keeps DuckDB's own Arrow types.
+    expected = local.sql(MORE_TYPES_SQL).to_arrow_table()
+    got = pa.ipc.open_stream(server.query(MORE_TYPES_SQL, format="arrow").body).read_all()
+    assert got.schema == expected.schema
+    assert normalized_rows(got) == normalized_rows(expected)
+    types = dict(zip(got.column_names, got.schema.types, strict=True))
+    assert types["t"] == pa.time64("us") and types["id"] == pa.string()
+    assert pa.types.is_dictionary(types["mood"]) and types["f"] == pa.float32()
+    assert types["arr"].list_size == 3 and types["ts_s"] == pa.timestamp("s")
+    assert types["ts_ms"] == pa.timestamp("ms") and types["ts_ns"] == pa.timestamp("ns")
+
+    # Parquet keeps them too, but for what Parquet cannot hold: seconds become milliseconds.
+    parquet = pq.read_table(io.BytesIO(server.query(MORE_TYPES_SQL, format="parquet").body))
+    assert parquet.column_names == MORE_COLUMNS
+    for name, typ in zip(parquet.column_names, parquet.schema.types, strict=True):
+        want = pa.timestamp("ms") if name == "ts_s" else types[name]
+        if pa.types.is_fixed_size_list(want):  # the child field's name is Parquet's "element"
+            assert pa.types.is_fixed_size_list(typ) and typ.value_type == want.value_type, name
+            assert typ.list_size == want.list_size, name
+        else:
+            assert typ == want, name
+    assert normalized_rows(parquet) == normalized_rows(expected)  # the same instants
 
 
 @pytest.mark.parametrize("fmt", ["json", "arrow", "csv", "ndjson", "parquet"])
@@ -217,3 +280,11 @@ def test_million_rows_every_format(server, local):
 def test_parameters(server):
     resp = server.query("SELECT $1::INTEGER + 1 AS a, $2::VARCHAR AS b", params=[41, "x"])
     assert resp.json()["data"] == [[42, "x"]]
+
+
+def test_csv_quoting_as_documented(server):
+    """The README: every cell in double quotes, numbers and header too, inner quotes doubled;
+    NULL the one unquoted (empty) cell."""
+    resp = server.query("SELECT NULL::VARCHAR AS a, '' AS b, 'x\"y' AS c, 1 AS d, [1, 2] AS l",
+                        format="csv")
+    assert resp.body == b'"a","b","c","d","l"\n,"","x""y","1","[1,2]"\n'

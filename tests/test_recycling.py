@@ -18,17 +18,28 @@ ENDLESS_SQL = "SELECT sum(i) AS s FROM range(1000000000000) t(i)"
 
 
 class Load:
-    """Closed-loop clients checking every answer until stopped; counts what happened."""
+    """Closed-loop clients checking every answer until stopped; counts what happened.
+
+    A client thread that dies of anything but OSError (a body that is not JSON, an
+    IncompleteRead, a bug in the test) fails the test when the load stops: it is never a
+    warning that a passing run hides."""
 
     def __init__(self, srv, clients: int = 4):
         self.srv = srv
         self.ok = 0
         self.wrong = 0
         self.failures: list[tuple[int, str]] = []
+        self.errors: list[BaseException] = []
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._client, args=(n,)) for n in range(clients)]
 
     def _client(self, n: int) -> None:
+        try:
+            self._loop(n)
+        except BaseException as exc:  # noqa: BLE001 - reported by __exit__
+            self.errors.append(exc)
+
+    def _loop(self, n: int) -> None:
         i = 0
         while not self._stop.is_set():
             k = n * 100_000 + i
@@ -46,18 +57,26 @@ class Load:
                 self.failures.append((resp.status, resp.json().get("error_type")))
             i += 1
 
+    @property
+    def answered(self) -> int:
+        return self.ok + self.wrong + len(self.failures)
+
     def __enter__(self):
         for t in self._threads:
             t.start()
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, *exc):
         self._stop.set()
         for t in self._threads:
             t.join(60)
+        if exc_type is None:
+            assert not any(t.is_alive() for t in self._threads), "a load thread hangs"
+            assert not self.errors, f"a load thread died: {self.errors[0]!r}"
 
     def summary(self) -> str:
-        return f"ok={self.ok} wrong={self.wrong} failures={self.failures[:10]} ({len(self.failures)})"
+        return (f"ok={self.ok} wrong={self.wrong} failures={self.failures[:10]} "
+                f"({len(self.failures)}) errors={self.errors[:3]}")
 
 
 @pytest.mark.parametrize("seconds", [6, pytest.param(30, marks=pytest.mark.slow)])
@@ -191,12 +210,15 @@ def test_sighup_reload_replaces_workers_without_failures(make_server):
     srv.config_path.write_text('[queue]\nqueue_timeout_s = 30\n'
                                '[catalog.views]\nanswer = "SELECT 42 AS x"\n')
     with Load(srv) as load:
-        time.sleep(0.5)
+        wait_for(lambda: load.ok >= 20, 30, what="the load to run before the reload")
+        at_hup = load.ok
         srv.send_signal(signal.SIGHUP)
         wait_for(lambda: srv.event("reloaded"), 60, what="the reload")
-        time.sleep(0.5)
-    print("reload:", load.summary())
+        during = load.ok - at_hup
+        wait_for(lambda: load.ok >= at_hup + during + 20, 30, what="queries after the reload")
+    print(f"reload: {during} queries answered while it ran;", load.summary())
     assert load.wrong == 0 and not load.failures, load.summary()
+    assert during > 0, "no query was answered while the workers were replaced"
     srv.wait_ready()
     assert not before & set(srv.worker_pids()), "every worker was replaced"
     assert srv.query("SELECT x FROM answer").json()["data"] == [[42]]
@@ -259,22 +281,36 @@ def test_gateway_restart_keeps_workers_and_connections(make_server):
 @pytest.mark.parametrize("seconds", [5, pytest.param(20, marks=pytest.mark.slow)])
 def test_chaos_sigkill_random_workers(make_server, seconds):
     srv = make_server(config="[queue]\nqueue_timeout_s = 30\n").start()
-    kills = 0
+    killed: list[int] = []
     with Load(srv, clients=6) as load:
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
+            # Kill only once the fleet has answered more since the last kill: chaos, and
+            # still a fleet that serves (a worker may be booting or backing off meanwhile).
+            answered = load.answered
+            wait_for(lambda: load.answered >= answered + 5 or load.errors, 60,
+                     what="progress between kills")
             pids = srv.processes("engine.worker")
             if pids:
+                victim = random.choice(pids)
                 try:
-                    os.kill(random.choice(pids), signal.SIGKILL)
-                    kills += 1
+                    os.kill(victim, signal.SIGKILL)
+                    killed.append(victim)
                 except ProcessLookupError:
                     pass
-            time.sleep(0.2)
-    print(f"chaos: {kills} SIGKILLs in {seconds} s; {load.summary()}")
+        wait_for(lambda: srv.stats()["worker_count"] == 2, 60, what="the fleet to recover")
+        answered = load.answered
+        wait_for(lambda: load.answered >= answered + 20, 30, what="queries after the chaos")
+    print(f"chaos: {len(killed)} SIGKILLs in {seconds} s; {load.summary()}; "
+          f"retried {srv.stats()['retried']}")
+    assert len(killed) >= 3, "the chaos killed (almost) nothing"
+    wait_for(lambda: set(killed) <= {e["child_pid"] for e in srv.events("crashed")
+                                     if e["process"] == "worker"}, 20,
+             what="every SIGKILL to be seen as a crash")
+    assert srv.stats()["crashed"] >= 1, "no worker was killed while running a query"
     assert load.wrong == 0, load.summary()
-    assert all(status == 503 and kind in ("worker_lost", "overloaded")
-               for status, kind in load.failures), load.summary()
+    assert all(failure == (503, "worker_lost") for failure in load.failures), load.summary()
+    assert load.ok >= 0.8 * load.answered, load.summary()
     srv.wait_ready()
     assert srv.query("SELECT 1 AS x").status == 200
     assert srv.stop() == 0

@@ -75,8 +75,26 @@ def test_unknown_route_is_json(server):
     error_of(server.get("/api/v1/query"), 405, "bad_request")
 
 
+def test_ready_once_workers_are_connected(server):
+    for path in ("/ready", "/health/ready"):
+        resp = server.get(path)
+        assert resp.status == 200 and resp.json() == {"ready": True, "workers_ready": 2}
+    assert server.get("/health").json() == {"status": "ok", "workers_ready": 2}
+
+
 def test_still_serving_after_errors(server):
     for sql in FORBIDDEN[:5] + ["SELEC", "SELECT nope"]:
         server.query(sql)
     assert server.query("SELECT 1 AS ok").json()["data"] == [[1]]
     assert server.stats()["crashed"] == 0
+
+
+@pytest.mark.parametrize("fmt", ["json", "arrow", "csv", "ndjson", "parquet"])
+def test_sql_error_after_the_first_batch_is_a_sql_error(server, fmt):
+    """DuckDB's error in a later batch (pyarrow's reader raises it as an OSError) is still a
+    400 sql_error with DuckDB's message, not an internal error. One segment holds the result,
+    so the status can still say so."""
+    sql = "SELECT CASE WHEN i = 200000 THEN error('late failure') ELSE i END AS x FROM range(200001) t(i)"
+    message = error_of(server.query(sql, format=fmt), 400, "sql_error")
+    assert "late failure" in message
+    assert not server.events("query_failed")

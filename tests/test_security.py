@@ -298,3 +298,53 @@ def test_files_and_sockets_are_private(make_server, site, tmp_path):
         assert len(random_part) >= 24 and int(random_part, 16) >= 0  # 96 random bits, hex
     assert srv.stop() == 0
     assert not sock_path.exists()
+
+
+# --- token scopes beyond a worker's open instances, and a token file broken at runtime ---
+
+def test_more_scopes_than_a_worker_keeps_open(make_server, tmp_path):
+    """Six tokens, each limited to its own database, on one worker that keeps at most four
+    scoped DuckDB instances: every query still reads its own database and only that one."""
+    names = [f"d{k}" for k in range(6)]
+    data = write_small_dataset(tmp_path / "data", ("default", *names))
+    file = tmp_path / "tokens.json"
+    made = {name: tokens.create(file, name, databases=[name]) for name in names}
+    srv = make_server(data_dir=data, workers=1, config=(
+        f'[auth]\nenabled = true\ntokens_file = "{file}"\n')).start()
+    for round_ in range(2):
+        for k, name in enumerate(names):
+            resp = ask(srv, f"SELECT db, count(*) FROM {name}.cpu GROUP BY db", made[name])
+            assert resp.json()["data"] == [[name, ROWS]], (round_, name, resp)
+            other = names[(k + 1) % len(names)]
+            refused = ask(srv, f"SELECT * FROM {other}.cpu", made[name])
+            assert refused.status == 403 and error_type(refused) == "forbidden", (name, other)
+        scopes = [p for p in srv.runtime_dir.glob("tmp-worker-*/scope-*")]
+        assert len(scopes) <= 4, scopes  # closed instances leave no temp directory behind
+    opened = srv.events("scope_opened")
+    assert len(opened) == 12, "round-robin over six scopes reopens each one (LRU of four)"
+    assert {tuple(e["databases"]) for e in opened} == {(name,) for name in names}
+    assert not srv.events("crashed")
+
+
+def test_token_file_corrupted_at_runtime_refuses_every_token(make_server, site, tmp_path):
+    file = tmp_path / "tokens.json"
+    made = {name: tokens.create(file, name, **kw) for name, kw in
+            {"admin": {}, "scoped": {"databases": ["other"]}}.items()}
+    good = file.read_bytes()
+    srv = make_server(data_dir=site["data"], workers=1, config=(
+        f'[auth]\nenabled = true\ntokens_file = "{file}"\n')).start()
+    assert ask(srv, "SELECT 1", made["admin"]).status == 200
+    # Each corruption has a size of its own, so each is seen as a change of the file.
+    for broken in (b"{not json", b"", b'{"tokens": [{"name": "admin"}]}', good[: len(good) // 2]):
+        file.write_bytes(broken)
+        for token in made.values():
+            resp = ask(srv, "SELECT 1", token)
+            assert resp.status == 401 and error_type(resp) == "unauthorized", (broken[:20], resp)
+        assert get(srv, "/metrics", made["admin"]).status == 401
+        assert get(srv, "/health").status == 200 and get(srv, "/ready").status == 200
+    invalid = srv.events("tokens_file_invalid")
+    assert len(invalid) == 4 and all(e["level"] == "error" for e in invalid)
+    file.write_bytes(good)  # fixed: the same tokens work again, without a restart
+    assert ask(srv, "SELECT 1 AS x", made["admin"]).json()["data"] == [[1]]
+    assert ask(srv, "SELECT count(*) FROM other.cpu", made["scoped"]).json()["data"] == [[ROWS]]
+    assert srv.events("reloaded")[-1]["tokens"] == 2
