@@ -62,7 +62,11 @@ class WorkersConfig(_Section):
     # Liveness: heartbeats from the work loop.
     heartbeat_s: PositiveFloat = 1.0
     heartbeat_timeout_s: PositiveFloat = 15.0  # an idle worker silent this long is killed
-    kill_grace_s: PositiveFloat = 5.0  # past query deadline + cancel grace, before SIGKILL
+    kill_grace_s: PositiveFloat = 5.0  # past query deadline (or a cancel) + cancel grace, before SIGKILL
+    # Hard memory cap: a worker whose RSS passes memory_limit + rss_margin_mb while a query runs
+    # is stopped at once and replaced; the query fails with out_of_memory. 0 = no cap.
+    rss_margin_mb: NonNegInt = 512
+    rss_check_ms: Annotated[int, Meta(ge=10, le=1000)] = 50  # how often RSS is read during a query
     crash_backoff_max_s: PositiveFloat = 8.0
 
 
@@ -179,6 +183,11 @@ def load(path: str | os.PathLike | None, env: dict[str, str] | None = None,
     if config.server.log_file:
         config = msgspec.structs.replace(config, server=msgspec.structs.replace(
             config.server, log_file=str((base / config.server.log_file).resolve())))
+    margin, overhead = config.workers.rss_margin_mb, config.duckdb.process_overhead_mb
+    if 0 < margin < overhead:
+        raise ConfigError(f"workers.rss_margin_mb: {margin} MiB is below duckdb.process_overhead_mb "
+                          f"({overhead} MiB): a worker would pass its cap doing nothing; 0 turns "
+                          "the cap off")
     results = config.results
     if results.shm_budget_mb < 2 * results.chunk_mb * config.worker_count:
         raise ConfigError(f"results.shm_budget_mb: {results.shm_budget_mb} MiB cannot hold two "

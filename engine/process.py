@@ -15,6 +15,7 @@ import sys
 
 PR_SET_PDEATHSIG = 1
 BOOT_FAILED = 3  # a worker's exit code when it cannot start: respawning it would only spin
+OVER_MEMORY = 4  # a worker's exit code when a query took it past its memory cap (engine/memwatch.py)
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 
 

@@ -7,9 +7,12 @@ the workers by exec and owns the process table. One verb per step: spawn, reap, 
 retire, kill, stop.
 
 Each worker writes one line per event on its own pipe: `ready`, `busy <timeout>` / `idle`
-(heartbeats from its work loop), `retire <reason>` (a recycling limit was reached). A retiring
-worker keeps serving until its replacement is ready; only then is it told to leave (SIGTERM),
-so capacity never dips. A worker silent past its deadline is killed and replaced.
+(heartbeats from its work loop), `cancel` (its query was cancelled: the deadline passed or the
+client left), `retire <reason>` (a recycling limit was reached). A retiring worker keeps serving
+until its replacement is ready; only then is it told to leave (SIGTERM), so capacity never
+dips. A worker silent past its deadline (the query's, or cancel_grace_s + kill_grace_s after a
+cancel) is killed and replaced. A worker that exits OVER_MEMORY (a query took it past its RSS
+cap) is replaced at once: it is not a crash, and counts for no backoff.
 
 Signals (handlers only queue them; the loop does the work), as Gunicorn's:
 SIGTERM graceful stop (the gateway drains within shutdown_grace_s); SIGINT, SIGQUIT quick stop;
@@ -38,7 +41,7 @@ from pathlib import Path
 import msgspec
 
 from engine import catalog, config as config_mod, log as log_mod, memory, shm, tokens
-from engine.process import BOOT_FAILED
+from engine.process import BOOT_FAILED, OVER_MEMORY
 
 RUNTIME_PREFIX = "duckfleet-"
 STABLE_S = 10.0  # a worker that lived this long resets its slot's crash count
@@ -210,6 +213,11 @@ class Supervisor:
             elif word == "busy":
                 workers, queue = self.cfg.workers, self.cfg.queue
                 child.deadline = now + float(arg) + queue.cancel_grace_s + workers.kill_grace_s
+            elif word == "cancel" and child.deadline:
+                # Without this, a query that ignores interrupts would hold its worker until its
+                # original deadline (query_timeout_s, 300 s by default) after its client left.
+                grace = self.cfg.queue.cancel_grace_s + self.cfg.workers.kill_grace_s
+                child.deadline = min(child.deadline, now + grace)
             elif word == "ready":
                 child.deadline = now + self.cfg.workers.heartbeat_timeout_s
                 self.on_ready(child)
@@ -266,12 +274,16 @@ class Supervisor:
             elif self.stopping:
                 log.info("exited", process=child.role, slot=child.slot, child_pid=pid,
                          uptime_s=uptime, **how)
+            elif child.role == "worker" and code == OVER_MEMORY:
+                log.warning("exited", process=child.role, slot=child.slot, child_pid=pid,
+                            uptime_s=uptime, planned="out_of_memory", **how)
+                self.replace(child, code, crashed=False)
             else:
                 log.warning("crashed", process=child.role, slot=child.slot, child_pid=pid,
                             uptime_s=uptime, **how)
                 self.replace(child, code)
 
-    def replace(self, child: Child, code: int) -> None:
+    def replace(self, child: Child, code: int, crashed: bool = True) -> None:
         if child.role == "gateway":
             shm.sweep(shm.owner_prefix(self.pid, child.pid))
             self.spawn_gateway()
@@ -295,11 +307,13 @@ class Supervisor:
             return
         if child.slot not in self.slots and child.replaces is None:
             return  # scaled down
-        count = self.crashes.get(child.slot, 0) + 1
-        if time.monotonic() - child.started > STABLE_S:
-            count = 1
-        self.crashes[child.slot] = count
-        delay = 0.0 if count == 1 else min(0.1 * 2 ** (count - 2), self.cfg.workers.crash_backoff_max_s)
+        delay = 0.0
+        if crashed:  # an OVER_MEMORY exit was the query's doing: no backoff for the slot
+            count = self.crashes.get(child.slot, 0) + 1
+            if time.monotonic() - child.started > STABLE_S:
+                count = 1
+            self.crashes[child.slot] = count
+            delay = 0.0 if count == 1 else min(0.1 * 2 ** (count - 2), self.cfg.workers.crash_backoff_max_s)
         if delay:
             log.warning("crash_backoff", slot=child.slot, consecutive=count, delay_s=delay)
         old = child.replaces if child.replaces is not None and child.replaces.pid in self.children else None

@@ -37,6 +37,7 @@ log = log_mod.get()
 
 PRIORITY_RANK = {"high": 0, "normal": 1, "low": 2}
 CANCEL_REPEAT_S = 0.5
+OVER_MEMORY = "out_of_memory"  # a worker's Bye reason before it fails its query and exits
 
 
 class WorkerLink:
@@ -255,6 +256,7 @@ class Fleet:
         self.crashed = 0
         self.timeouts = 0
         self.retried = 0
+        self.memory_kills = 0  # workers stopped by their RSS cap (they said Bye "out_of_memory")
         self.rejected = {"queue_full": 0, "queue_timeout": 0}
         self.recycled: dict[str, int] = {}
 
@@ -310,7 +312,9 @@ class Fleet:
                 self.crashed += 1
                 link.job.on_lost()
                 link.job = None
-            if link.retiring:
+            if link.retiring == OVER_MEMORY:
+                self.memory_kills += 1
+            elif link.retiring:
                 self.recycled[link.retiring] = self.recycled.get(link.retiring, 0) + 1
             log.info("worker_left", worker=link.worker_id, worker_pid=link.pid,
                      reason=link.retiring or "lost")
@@ -411,6 +415,7 @@ class Fleet:
                 "served": self.served, "recycled": sum(self.recycled.values()),
                 "recycled_by_reason": dict(self.recycled), "crashed": self.crashed,
                 "retried": self.retried, "timeouts": self.timeouts,
+                "killed_over_memory": self.memory_kills,
                 "rejected": dict(self.rejected),
                 "shm_segments_in_use": pool.in_use, "shm_segments_idle": pool.idle,
                 "shm_segments_created": pool.created,

@@ -124,6 +124,9 @@ class FleetCollector:
         yield CounterMetricFamily("duckfleet_query_timeouts",
                                   "Queries interrupted at their deadline",
                                   value=stats.get("timeouts", 0))
+        yield CounterMetricFamily("duckfleet_worker_memory_kills",
+                                  "Workers stopped because a query took them past their RSS cap",
+                                  value=stats.get("killed_over_memory", 0))
         recycles = CounterMetricFamily("duckfleet_worker_recycles",
                                        "Planned worker replacements by reason", labels=["reason"])
         by_reason = stats.get("recycled_by_reason", {})
