@@ -43,6 +43,12 @@ class ServerConfig(_Section):
     slow_query_ms: NonNegFloat = 1000.0  # queries at least this long are logged; 0 logs every one
     rate_limit_per_s: NonNegFloat = 0.0  # requests a second per token (or client address); 0 = off
     rate_limit_burst: PositiveInt = 20  # how many requests a client may make at once
+    # Connections (gateway/connections.py): how many, and how long a client may take.
+    max_connections: PositiveInt = 4096  # open HTTP connections; past it only health is answered
+    keepalive_timeout_s: PositiveFloat = 30.0  # an idle kept-alive connection is closed after this
+    header_timeout_s: PositiveFloat = 10.0  # from a request's first byte to its last header line
+    body_timeout_s: PositiveFloat = 30.0  # to read a request's whole body
+    raise_fd_limit: bool = True  # raise the open-file limit to its hard limit at start
 
 
 class WorkersConfig(_Section):

@@ -41,7 +41,7 @@ from pathlib import Path
 import msgspec
 
 from engine import catalog, config as config_mod, log as log_mod, memory, shm, tokens
-from engine.process import BOOT_FAILED, OVER_MEMORY
+from engine.process import BOOT_FAILED, OVER_MEMORY, raise_fd_limit
 
 RUNTIME_PREFIX = "duckfleet-"
 STABLE_S = 10.0  # a worker that lived this long resets its slot's crash count
@@ -102,10 +102,13 @@ class Supervisor:
                 f"server.runtime_dir: {socket_path} is {len(socket_path.encode())} bytes, over the "
                 f"{UNIX_PATH_MAX - 1} a Unix socket path may have; choose a shorter directory")
         self.write_config()
+        # Before any child exists: they inherit it (the gateway holds a descriptor a connection).
+        fd_soft, fd_hard = raise_fd_limit() if self.cfg.server.raise_fd_limit else (0, 0)
         self.listeners = bind_listeners(self.cfg.server)
         host, port = self.listeners[0].getsockname()[:2]
         log.info("listening", host=host, port=port, unix_socket=self.cfg.server.unix_socket or None,
                  runtime_dir=str(self.runtime), workers=self.cfg.worker_count,
+                 fd_limit=fd_soft or None, fd_hard_limit=fd_hard or None,
                  memory_limit_bytes=self.memory_limit, memory_plan=plan.describe())
         ensure_demo_data(self.cfg.catalog)
 

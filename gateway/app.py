@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import logging
 import os
+import resource
 import signal
 import socket
 import sys
@@ -24,25 +25,33 @@ from aiohttp import web
 
 from engine import config as config_mod, log as log_mod, shm
 from engine.process import die_with_parent
-from gateway import access, auth, handlers, ratelimit
+from gateway import access, auth, connections as connections_mod, handlers, ratelimit
 from gateway.cache import QueryCache
 from gateway.fleet import Fleet
 from gateway.metrics import Metrics
 from gateway.sqlkey import SqlAnalyzer
 
+FD_SPARE = 256  # descriptors kept for everything but connections, segments and worker sockets
 
-def make_app(fleet: Fleet, cfg: config_mod.Config, cache: QueryCache | None = None) -> web.Application:
+
+def make_app(fleet: Fleet, cfg: config_mod.Config, cache: QueryCache | None = None,
+             connections: connections_mod.Connections | None = None) -> web.Application:
     """Middlewares, outermost first: observe (request id, access log, metrics), errors (JSON
-    errors), auth (when enabled), rate limit (when enabled); then the handler."""
-    middlewares = [access.observe, handlers.errors_middleware]
+    errors), connection limits, auth (when enabled), rate limit (when enabled), the body's
+    deadline; then the handler."""
+    if connections is None:
+        connections = make_connections(cfg, fleet.segments.limit)
+    middlewares = [access.observe, handlers.errors_middleware, connections_mod.middleware(connections)]
     if cfg.auth.enabled:
         middlewares.append(auth.middleware(auth.TokenStore(cfg.auth.tokens_file)))
     if cfg.server.rate_limit_per_s > 0:
         middlewares.append(ratelimit.middleware(
             ratelimit.TokenBuckets(cfg.server.rate_limit_per_s, cfg.server.rate_limit_burst)))
+    middlewares.append(connections_mod.body_middleware(connections))
     app = web.Application(client_max_size=cfg.server.max_body_kb * 1024, middlewares=middlewares)
     app[handlers.FLEET] = fleet
     app[handlers.CONFIG] = cfg
+    app[handlers.CONNECTIONS] = connections
     if cache is not None:
         app[handlers.CACHE] = cache
     app[access.METRICS] = Metrics(fleet.stats, cache.stats if cache else None)
@@ -50,6 +59,20 @@ def make_app(fleet: Fleet, cfg: config_mod.Config, cache: QueryCache | None = No
     app.on_response_prepare.append(access.add_request_id)
     app.add_routes(handlers.routes())
     return app
+
+
+def make_connections(cfg: config_mod.Config, segments: int) -> connections_mod.Connections:
+    """max_connections, lowered to what the open-file limit leaves (each connection is a
+    descriptor; so are segments, worker sockets, logs and spill files: FD_SPARE and more)."""
+    server = cfg.server
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    room = soft - segments - 2 * cfg.worker_count - FD_SPARE - connections_mod.HEALTH_RESERVE
+    limit = server.max_connections
+    if room < limit:
+        limit = max(1, room)
+        log_mod.get().warning("fd_limit_low", fd_limit=soft, max_connections=server.max_connections,
+                              lowered_to=limit, hint="raise the hard open-file limit (ulimit -Hn)")
+    return connections_mod.Connections(limit, server.header_timeout_s, server.body_timeout_s)
 
 
 def make_cache(cfg: config_mod.Config, segments: shm.SegmentPool) -> QueryCache:
@@ -84,12 +107,15 @@ async def serve(runtime: Path, supervisor_pid: int, listen_fds: list[int]) -> No
         os.umask(old_umask)
 
     # handler_cancellation: a client that disconnects cancels its request, wherever it is.
-    runner = web.AppRunner(make_app(fleet, cfg, cache), handle_signals=False, access_log=None,
-                           shutdown_timeout=cfg.server.shutdown_grace_s, handler_cancellation=True)
+    connections = make_connections(cfg, segments.limit)
+    runner = web.AppRunner(make_app(fleet, cfg, cache, connections), handle_signals=False,
+                           access_log=None, shutdown_timeout=cfg.server.shutdown_grace_s,
+                           handler_cancellation=True,
+                           keepalive_timeout=cfg.server.keepalive_timeout_s)
     await runner.setup()
     for fd in listen_fds:
         sock = socket.socket(fileno=fd)
-        await web.SockSite(runner, sock).start()
+        await connections_mod.GuardedSite(runner, sock, connections, backlog=1024).start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)

@@ -17,6 +17,7 @@ from engine.config import Config
 from engine.errors import Kind, QueryError
 from gateway import openapi, render
 from gateway.access import FACTS, METRICS
+from gateway.connections import Connections
 from gateway.cache import BYPASS, RETRY, CacheKey, Entry, Flight, QueryCache
 from gateway.fleet import Fleet
 from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -24,6 +25,7 @@ from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 FLEET = web.AppKey("fleet", Fleet)
 CONFIG = web.AppKey("config", Config)
 CACHE = web.AppKey("cache", QueryCache)
+CONNECTIONS = web.AppKey("connections", Connections)
 log = log_mod.get()
 
 
@@ -215,7 +217,8 @@ async def ready(request: web.Request) -> web.Response:
 
 
 async def stats(request: web.Request) -> web.Response:
-    return web.json_response(request.app[FLEET].stats())
+    return web.json_response({**request.app[FLEET].stats(),
+                              "connections": request.app[CONNECTIONS].stats()})
 
 
 async def cache_stats(request: web.Request) -> web.Response:

@@ -42,6 +42,7 @@ STATUS = {
     Kind.OUT_OF_MEMORY: 400,
     Kind.UNAUTHORIZED: 401,
     Kind.FORBIDDEN: 403,
+    Kind.REQUEST_TIMEOUT: 408,
     Kind.TOO_LARGE: 413,
     Kind.RATE_LIMITED: 429,
     Kind.OVERLOADED: 503,
@@ -52,11 +53,15 @@ STATUS = {
 RETRY_AFTER_S = "1"
 
 
+def error_body(kind: Kind, message: str) -> bytes:
+    return msgspec.json.encode({"success": False, "error": message, "error_type": str(kind)})
+
+
 def error_response(kind: Kind, message: str, status: int | None = None) -> web.Response:
     status = status or STATUS[kind]
     headers = {"Retry-After": RETRY_AFTER_S} if status == 503 else None
-    body = msgspec.json.encode({"success": False, "error": message, "error_type": str(kind)})
-    return web.Response(status=status, body=body, content_type="application/json", headers=headers)
+    return web.Response(status=status, body=error_body(kind, message),
+                        content_type="application/json", headers=headers)
 
 
 def json_tail(execution_ms: float, wait_ms: float) -> bytes:
