@@ -106,6 +106,10 @@ class ResultsConfig(_Section):
     shm_idle_mb: NonNegInt = 256  # free segments kept for reuse
     stream_buffer_mb: PositiveInt = 256  # a slow client's result may wait in this much memory
     send_timeout_s: PositiveFloat = 60.0  # a client that takes no bytes for this long is dropped
+    # Slow clients (gateway/spill.py, gateway/render.py, gateway/streams.py).
+    spill_max_mb: NonNegInt = 4096  # results past stream_buffer_mb wait on disk, all together; 0 = off
+    min_send_kbps: NonNegInt = 32  # KB (1000 bytes) a second a client must read on average; 0 = off
+    max_streams_per_client: NonNegInt = 4  # streamed results a token (or address) is sent at once
 
 
 class QueryCacheConfig(_Section):

@@ -25,11 +25,13 @@ from aiohttp import web
 
 from engine import config as config_mod, log as log_mod, shm
 from engine.process import die_with_parent
-from gateway import access, auth, connections as connections_mod, handlers, ratelimit
+from gateway import access, auth, connections as connections_mod, handlers, ratelimit, render
 from gateway.cache import QueryCache
 from gateway.fleet import Fleet
 from gateway.metrics import Metrics
+from gateway.spill import Spills
 from gateway.sqlkey import SqlAnalyzer
+from gateway.streams import STREAMS, StreamSlots
 
 FD_SPARE = 256  # descriptors kept for everything but connections, segments and worker sockets
 
@@ -52,6 +54,8 @@ def make_app(fleet: Fleet, cfg: config_mod.Config, cache: QueryCache | None = No
     app[handlers.FLEET] = fleet
     app[handlers.CONFIG] = cfg
     app[handlers.CONNECTIONS] = connections
+    app[STREAMS] = StreamSlots(cfg.results.max_streams_per_client)
+    app[render.PACE] = render.Pace(cfg.results.send_timeout_s, cfg.results.min_send_kbps * 1000)
     if cache is not None:
         app[handlers.CACHE] = cache
     app[access.METRICS] = Metrics(fleet.stats, cache.stats if cache else None)
@@ -93,10 +97,13 @@ async def serve(runtime: Path, supervisor_pid: int, listen_fds: list[int]) -> No
     segments = shm.SegmentPool(shm_prefix, results.chunk_mb * 2**20, results.shm_budget_mb * 2**20,
                                results.shm_idle_mb * 2**20)
     segments.prealloc(results.shm_prealloc_mb * 2**20)
+    spills = Spills(runtime / "spill", results.spill_max_mb * 2**20)
+    spills.prepare()
     fleet = Fleet(segments, max_queue=queue.max_queue_size, queue_timeout=queue.queue_timeout_s,
                   query_timeout=queue.query_timeout_s, cancel_grace=queue.cancel_grace_s,
                   aging=queue.priority_aging_s, max_result_bytes=results.max_result_mb * 2**20,
-                  batch_rows=results.batch_rows, stream_buffer=results.stream_buffer_mb * 2**20)
+                  batch_rows=results.batch_rows, stream_buffer=results.stream_buffer_mb * 2**20,
+                  spills=spills if spills.budget else None)
     cache = make_cache(cfg, segments) if cfg.query_cache.enabled else None
     worker_socket = runtime / "workers.sock"
     worker_socket.unlink(missing_ok=True)

@@ -21,6 +21,7 @@ from gateway.connections import Connections
 from gateway.cache import BYPASS, RETRY, CacheKey, Entry, Flight, QueryCache
 from gateway.fleet import Fleet
 from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from gateway.streams import STREAMS
 
 FLEET = web.AppKey("fleet", Fleet)
 CONFIG = web.AppKey("config", Config)
@@ -217,7 +218,7 @@ async def ready(request: web.Request) -> web.Response:
 
 
 async def stats(request: web.Request) -> web.Response:
-    return web.json_response({**request.app[FLEET].stats(),
+    return web.json_response({**request.app[FLEET].stats(), **request.app[STREAMS].stats(),
                               "connections": request.app[CONNECTIONS].stats()})
 
 

@@ -9,8 +9,13 @@ A result that fits one segment is sent with Content-Length and every X- header. 
 streams as it is produced (chunked transfer encoding): the first bytes leave once one segment
 is full, whatever the size, and X-Row-Count / X-Execution-Time-Ms are not known in time for
 the headers (JSON carries both in its body). If such a result fails midway, or a client takes
-no bytes for send_timeout_s, the connection is aborted without the final chunk, so the client
-sees a truncated transfer, never a silently short result.
+no bytes for send_timeout_s, or reads slower than results.min_send_kbps on average once its
+first send_timeout_s are over (`SendClock`), the connection is aborted without the final chunk,
+so the client sees a truncated transfer, never a silently short result.
+
+Pieces a slow client left behind wait in a spill file (gateway/spill.py) and are sent from it
+with sendfile, framed as chunks here. A client may be sent at most max_streams_per_client
+streamed results at once (gateway/streams.py).
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ from engine.shm import Segment
 from gateway.cache import Entry, Keeper
 from gateway.fleet import Job
 from gateway.sendfile import sendfile
+from gateway.spill import Piece
+from gateway.streams import STREAMS
 
 log = log_mod.get()
 
@@ -53,13 +60,44 @@ STATUS = {
 RETRY_AFTER_S = "1"
 
 
+class Pace(msgspec.Struct, frozen=True):
+    """How fast a client must take its result: send_timeout_s for any one write, and on
+    average min_send_bytes a second once the first send_timeout_s are over (0 = no minimum)."""
+    send_timeout_s: float
+    min_send_bytes: int = 0
+
+
+PACE = web.AppKey("pace", Pace)
+
+
+class SendClock:
+    """One response's allowance, from the app's Pace (or just a send timeout without one)."""
+
+    def __init__(self, request: web.Request, send_timeout: float):
+        pace = request.app.get(PACE)
+        self.idle = send_timeout
+        self.rate = pace.min_send_bytes if pace else 0
+        self.started = time.monotonic()
+        self.sent = 0
+
+    def limit(self, nbytes: int) -> float:
+        """How long the next nbytes may take."""
+        if not self.rate:
+            return self.idle
+        deadline = self.started + self.idle + (self.sent + nbytes) / self.rate
+        return max(0.0, min(self.idle, deadline - time.monotonic()))
+
+    def add(self, nbytes: int) -> None:
+        self.sent += nbytes
+
+
 def error_body(kind: Kind, message: str) -> bytes:
     return msgspec.json.encode({"success": False, "error": message, "error_type": str(kind)})
 
 
 def error_response(kind: Kind, message: str, status: int | None = None) -> web.Response:
     status = status or STATUS[kind]
-    headers = {"Retry-After": RETRY_AFTER_S} if status == 503 else None
+    headers = {"Retry-After": RETRY_AFTER_S} if status in (429, 503) else None
     return web.Response(status=status, body=error_body(kind, message),
                         content_type="application/json", headers=headers)
 
@@ -115,12 +153,15 @@ async def send_entry(request: web.Request, entry: Entry, fmt: str, cache_state: 
     response = web.StreamResponse(headers=headers)
     response.content_length = entry.length + len(tail)
     writer = await response.prepare(request)
+    clock = SendClock(request, send_timeout)
     with _unbuffered(request) as transport:
-        async with asyncio.timeout(send_timeout):
+        async with asyncio.timeout(clock.limit(0)):
             await writer.drain()  # the headers: sendfile writes behind the transport's back
         for segment, length in entry.segments:
-            await sendfile(transport, segment.fd, 0, length, send_timeout)
+            async with asyncio.timeout(clock.limit(length)):
+                await sendfile(transport, segment.fd, 0, length, send_timeout)
             writer.output_size += length
+            clock.add(length)
     if tail:
         await response.write(tail)
     await response.write_eof()
@@ -132,17 +173,44 @@ async def _send(request, job: Job, fmt: str, send_timeout: float, segment: Segme
     headers = {"Content-Type": MEDIA_TYPES[fmt], "X-Wait-Time-Ms": f"{job.wait_ms:.3f}"}
     if cache_state:
         headers["X-Cache"] = cache_state
+    clock = SendClock(request, send_timeout)
     if result is not None:
-        return await _send_whole(request, job, fmt, segment, length, result, headers, send_timeout)
+        return await _send_whole(request, job, fmt, segment, length, result, headers, clock)
+    slots = request.app.get(STREAMS)
+    try:
+        hold = slots.hold(request) if slots is not None else contextlib.nullcontext()
+        hold.__enter__()
+    except QueryError:
+        job.sent(segment)
+        raise
+    try:
+        return await _stream(request, job, fmt, segment, length, keeper, headers, clock)
+    finally:
+        hold.__exit__(None, None, None)
+
+
+async def _stream(request, job: Job, fmt: str, segment: Segment, length: int,
+                  keeper: Keeper | None, headers: dict, clock: SendClock) -> web.StreamResponse:
+    """A result of more than one segment, sent as its pieces come (chunked)."""
     response = web.StreamResponse(headers=headers)
     response.enable_chunked_encoding()
     writer = await response.prepare(request)
+    result = None
     try:
         while True:
             try:
-                await _send_view(request, response, writer, segment.view[:length], send_timeout)
+                if isinstance(segment, Piece):
+                    await _send_piece(request, writer, segment, clock)
+                else:
+                    await _send_view(request, response, writer, segment.view[:length], clock)
             finally:
-                job.sent(segment, kept=keeper is not None and keeper.keep(segment, length))
+                kept = False
+                if keeper is not None:
+                    if isinstance(segment, Piece):
+                        keeper.give_up()  # spilled: too large for the cache anyway
+                    else:
+                        kept = keeper.keep(segment, length)
+                job.sent(segment, kept=kept)
             if result is not None:
                 break
             segment, length, result = await job.next()
@@ -152,14 +220,20 @@ async def _send(request, job: Job, fmt: str, send_timeout: float, segment: Segme
         if keeper is not None and (entry := keeper.finish(result.rows, result.execution_ms)):
             entry.unpin()  # stored for the next requests; this one has it all
     except (QueryError, TimeoutError) as exc:
-        log.warning("stream_aborted", query_id=job.id, error=str(exc))
+        log.warning("stream_aborted", query_id=job.id, error=str(exc) or _too_slow(clock))
         if request.transport is not None:
             request.transport.abort()
     return response
 
 
+def _too_slow(clock: SendClock) -> str:
+    rate = f" or below {clock.rate / 1000:g} KB/s (results.min_send_kbps)" if clock.rate else ""
+    return (f"the client took no bytes for {clock.idle:g} s (results.send_timeout_s){rate} "
+            f"after {clock.sent} bytes")
+
+
 async def _send_whole(request, job: Job, fmt: str, segment: Segment, length: int,
-                      result, headers: dict, send_timeout: float) -> web.StreamResponse:
+                      result, headers: dict, clock: SendClock) -> web.StreamResponse:
     headers.update({"X-Row-Count": str(result.rows),
                     "X-Execution-Time-Ms": f"{result.execution_ms:.3f}"})
     tail = json_tail(result.execution_ms, job.wait_ms) if fmt == "json" else b""
@@ -169,7 +243,13 @@ async def _send_whole(request, job: Job, fmt: str, segment: Segment, length: int
         response = web.StreamResponse(headers=headers)
         response.content_length = length + len(tail)
         writer = await response.prepare(request)
-        await _send_view(request, response, writer, segment.view[:length], send_timeout)
+        try:
+            await _send_view(request, response, writer, segment.view[:length], clock)
+        except TimeoutError:
+            log.warning("send_aborted", query_id=job.id, error=_too_slow(clock))
+            if request.transport is not None:
+                request.transport.abort()
+            return response
     finally:
         job.sent(segment)
     if tail:
@@ -179,14 +259,33 @@ async def _send_whole(request, job: Job, fmt: str, segment: Segment, length: int
 
 
 async def _send_view(request: web.Request, response: web.StreamResponse, writer,
-                     view: memoryview, send_timeout: float) -> None:
+                     view: memoryview, clock: SendClock) -> None:
     """Write view and wait until the kernel has all of it (see the module docstring)."""
     with _unbuffered(request):
         for offset in range(0, len(view), SLICE):
-            async with asyncio.timeout(send_timeout):
-                await response.write(view[offset:offset + SLICE])
-        async with asyncio.timeout(send_timeout):
+            piece = view[offset:offset + SLICE]
+            async with asyncio.timeout(clock.limit(len(piece))):
+                await response.write(piece)
+            clock.add(len(piece))
+        async with asyncio.timeout(clock.limit(0)):
             await writer.drain()  # with the limit at zero: until the kernel has every byte
+
+
+async def _send_piece(request: web.Request, writer, piece: Piece, clock: SendClock) -> None:
+    """A spilled piece, from its file with sendfile, framed as one chunk of the response."""
+    try:
+        await piece.copied
+    except OSError as exc:
+        raise QueryError(Kind.INTERNAL, f"the result could not be spilled to disk: {exc}") from None
+    with _unbuffered(request) as transport:
+        transport.write(b"%x\r\n" % piece.length)
+        async with asyncio.timeout(clock.limit(0)):
+            await writer.drain()  # the frame's head is out: sendfile writes behind the transport
+        async with asyncio.timeout(clock.limit(piece.length)):
+            await sendfile(transport, piece.fd, piece.offset, piece.length, clock.idle)
+        transport.write(b"\r\n")
+        writer.output_size += piece.length
+    clock.add(piece.length)
 
 
 @contextlib.contextmanager
