@@ -122,3 +122,20 @@ def test_streams_per_client_are_limited(make_server, data):
     assert stats["streams_refused"] == 1
     wait_for(lambda: srv.stats()["spill_files"] == 0 and srv.stats()["busy"] == 0, 20,
              what="nothing held")
+
+
+@pytest.mark.timeout(120)
+def test_the_spill_file_goes_with_a_client_that_leaves(make_server, data):
+    srv = make_server(data_dir=data, workers=1, config=(
+        "[results]\nstream_buffer_mb = 16\nmin_send_kbps = 0\nsend_timeout_s = 120\n")).start()
+    conn, resp = start_arrow(srv)
+    try:
+        wait_for(lambda: (s := srv.stats())["busy"] == 0 and s["spill_files"] == 1, 60,
+                 what="the result to wait on disk")
+        assert resp.read(1024)  # some bytes, then the client is gone
+    finally:
+        conn.close()
+    wait_for(lambda: (s := srv.stats())["spill_files"] == 0 and s["shm_segments_in_use"] == 0, 20,
+             what="the spill file and the segments to be freed")
+    assert srv.stats()["spill_bytes"] == 0 and spill_files(srv) == []
+    assert srv.query("SELECT 1 AS x").json()["data"] == [[1]]
