@@ -7,12 +7,11 @@ the workers by exec and owns the process table. One verb per step: spawn, reap, 
 retire, kill, stop.
 
 Each worker writes one line per event on its own pipe: `ready`, `busy <timeout>` / `idle`
-(heartbeats from its work loop), `cancel` (its query was cancelled: the deadline passed or the
-client left), `retire <reason>` (a recycling limit was reached). A retiring worker keeps serving
-until its replacement is ready; only then is it told to leave (SIGTERM), so capacity never
-dips. A worker silent past its deadline (the query's, or cancel_grace_s + kill_grace_s after a
-cancel) is killed and replaced. A worker that exits OVER_MEMORY (a query took it past its RSS
-cap) is replaced at once: it is not a crash, and counts for no backoff.
+(heartbeats from its work loop), `cancel` (deadline passed or client gone), `retire <reason>`
+(a recycling limit was reached). A retiring worker keeps serving until its replacement is
+ready; only then is it told to leave (SIGTERM), so capacity never dips. A worker silent past its
+deadline (the query's, or cancel_grace_s + kill_grace_s after a cancel) is killed and replaced;
+one that exits OVER_MEMORY (past its RSS cap) is replaced at once, without crash backoff.
 
 Signals (handlers only queue them; the loop does the work), as Gunicorn's:
 SIGTERM graceful stop (the gateway drains within shutdown_grace_s); SIGINT, SIGQUIT quick stop;
@@ -280,13 +279,14 @@ class Supervisor:
             elif child.role == "worker" and code == OVER_MEMORY:
                 log.warning("exited", process=child.role, slot=child.slot, child_pid=pid,
                             uptime_s=uptime, planned="out_of_memory", **how)
-                self.replace(child, code, crashed=False)
+                self.crashes.pop(child.slot, None)  # the query's doing, not the slot's: no backoff
+                self.replace(child, code)
             else:
                 log.warning("crashed", process=child.role, slot=child.slot, child_pid=pid,
                             uptime_s=uptime, **how)
                 self.replace(child, code)
 
-    def replace(self, child: Child, code: int, crashed: bool = True) -> None:
+    def replace(self, child: Child, code: int) -> None:
         if child.role == "gateway":
             shm.sweep(shm.owner_prefix(self.pid, child.pid))
             self.spawn_gateway()
@@ -310,13 +310,11 @@ class Supervisor:
             return
         if child.slot not in self.slots and child.replaces is None:
             return  # scaled down
-        delay = 0.0
-        if crashed:  # an OVER_MEMORY exit was the query's doing: no backoff for the slot
-            count = self.crashes.get(child.slot, 0) + 1
-            if time.monotonic() - child.started > STABLE_S:
-                count = 1
-            self.crashes[child.slot] = count
-            delay = 0.0 if count == 1 else min(0.1 * 2 ** (count - 2), self.cfg.workers.crash_backoff_max_s)
+        count = self.crashes.get(child.slot, 0) + 1
+        if time.monotonic() - child.started > STABLE_S:
+            count = 1
+        self.crashes[child.slot] = count
+        delay = 0.0 if count == 1 else min(0.1 * 2 ** (count - 2), self.cfg.workers.crash_backoff_max_s)
         if delay:
             log.warning("crash_backoff", slot=child.slot, consecutive=count, delay_s=delay)
         old = child.replaces if child.replaces is not None and child.replaces.pid in self.children else None

@@ -176,3 +176,18 @@ def test_fd_limit_is_raised_to_the_hard_limit(make_server, data):
         line = next(l for l in limits.splitlines() if l.startswith("Max open files"))
         assert line.split()[3:5] == [str(hard), str(hard)], line
     assert not srv.events("fd_limit_low")
+
+
+def test_connection_keys_are_validated():
+    from engine import config as config_mod
+    from engine.config import ConfigError
+
+    cfg = config_mod.load(None, env={})
+    assert (cfg.server.max_connections, cfg.server.keepalive_timeout_s, cfg.server.header_timeout_s,
+            cfg.server.body_timeout_s, cfg.server.raise_fd_limit) == (4096, 30.0, 10.0, 30.0, True)
+    for key, bad in (("max_connections", 0), ("keepalive_timeout_s", 0), ("header_timeout_s", -1),
+                     ("body_timeout_s", 0), ("raise_fd_limit", "maybe")):
+        with pytest.raises(ConfigError, match=f"server.{key}"):
+            config_mod.load(None, env={}, overrides={"server": {key: bad}})
+    env = {"DUCKFLEET_SERVER_HEADER_TIMEOUT_S": "2.5"}
+    assert config_mod.load(None, env=env).server.header_timeout_s == 2.5

@@ -139,3 +139,15 @@ def test_the_spill_file_goes_with_a_client_that_leaves(make_server, data):
              what="the spill file and the segments to be freed")
     assert srv.stats()["spill_bytes"] == 0 and spill_files(srv) == []
     assert srv.query("SELECT 1 AS x").json()["data"] == [[1]]
+
+
+def test_slow_client_keys_are_validated():
+    from engine import config as config_mod
+    from engine.config import ConfigError
+
+    results = config_mod.load(None, env={}).results
+    assert (results.spill_max_mb, results.min_send_kbps, results.max_streams_per_client) == (4096, 32, 4)
+    for key in ("spill_max_mb", "min_send_kbps", "max_streams_per_client"):
+        with pytest.raises(ConfigError, match=f"results.{key}"):
+            config_mod.load(None, env={}, overrides={"results": {key: -1}})
+        assert getattr(config_mod.load(None, env={}, overrides={"results": {key: 0}}).results, key) == 0
