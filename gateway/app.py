@@ -135,6 +135,7 @@ async def serve(runtime: Path, supervisor_pid: int, listen_fds: list[int]) -> No
     if cache is not None:
         cache.close()  # before the pool: its segments go back to it
     fleet.close()
+    spills.close()
     worker_socket.unlink(missing_ok=True)
     log.info("gateway_stopped")
 

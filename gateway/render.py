@@ -13,8 +13,8 @@ no bytes for send_timeout_s, or reads slower than results.min_send_kbps on avera
 first send_timeout_s are over (`SendClock`), the connection is aborted without the final chunk,
 so the client sees a truncated transfer, never a silently short result.
 
-Pieces a slow client left behind wait in a spill file (gateway/spill.py) and are sent from it
-with sendfile, framed as chunks here. A client may be sent at most max_streams_per_client
+Pieces a slow client left behind wait in a spill file (gateway/spill.py) and are read back a
+slice at a time as the client takes them. A client may be sent at most max_streams_per_client
 streamed results at once (gateway/streams.py).
 """
 
@@ -200,7 +200,7 @@ async def _stream(request, job: Job, fmt: str, segment: Segment, length: int,
         while True:
             try:
                 if isinstance(segment, Piece):
-                    await _send_piece(request, writer, segment, clock)
+                    await _send_piece(request, response, writer, segment, clock)
                 else:
                     await _send_view(request, response, writer, segment.view[:length], clock)
             finally:
@@ -271,21 +271,25 @@ async def _send_view(request: web.Request, response: web.StreamResponse, writer,
             await writer.drain()  # with the limit at zero: until the kernel has every byte
 
 
-async def _send_piece(request: web.Request, writer, piece: Piece, clock: SendClock) -> None:
-    """A spilled piece, from its file with sendfile, framed as one chunk of the response."""
+async def _send_piece(request: web.Request, response: web.StreamResponse, writer, piece: Piece,
+                      clock: SendClock) -> None:
+    """A spilled piece, read back a slice at a time (in a spill thread) as the client takes it:
+    a slow client holds one slice of memory and no thread."""
     try:
-        await piece.copied
-    except OSError as exc:
-        raise QueryError(Kind.INTERNAL, f"the result could not be spilled to disk: {exc}") from None
-    with _unbuffered(request) as transport:
-        transport.write(b"%x\r\n" % piece.length)
-        async with asyncio.timeout(clock.limit(0)):
-            await writer.drain()  # the frame's head is out: sendfile writes behind the transport
-        async with asyncio.timeout(clock.limit(piece.length)):
-            await sendfile(transport, piece.fd, piece.offset, piece.length, clock.idle)
-        transport.write(b"\r\n")
-        writer.output_size += piece.length
-    clock.add(piece.length)
+        await asyncio.shield(piece.copied)  # cancelling must not free its segment mid-copy
+        with _unbuffered(request):
+            for offset in range(0, piece.length, SLICE):
+                data = await piece.read(offset, min(SLICE, piece.length - offset))
+                async with asyncio.timeout(clock.limit(len(data))):
+                    await response.write(data)
+                clock.add(len(data))
+            async with asyncio.timeout(clock.limit(0)):
+                await writer.drain()
+    except (TimeoutError, ConnectionError):
+        raise  # the client's doing: the caller aborts the stream
+    except OSError as exc:  # the disk's
+        raise QueryError(Kind.INTERNAL, f"the spilled result could not be written or read back: "
+                                        f"{exc}") from None
 
 
 @contextlib.contextmanager

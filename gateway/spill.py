@@ -4,19 +4,23 @@ Runs on the gateway's event loop. `Spills` (one per gateway) owns the directory
 <runtime>/spill (0700; emptied at start, so a replaced gateway's files go) and counts the bytes
 of every file in it against results.spill_max_mb. A job whose client has stream_buffer_mb of
 its result unsent in memory writes further pieces to its own `Spill` file instead of making
-its worker wait: each piece is copied from its segment by a worker thread (the loop never
-waits on the disk), the segment goes back to the pool once copied, and the caller sends the
-piece from the file with sendfile. A piece that finds no room in the budget stays in memory,
-which is back-pressure on the worker as before spilling existed.
+its worker wait: each piece is copied from its segment by one of the spill threads (the loop
+never waits on the disk), the segment goes back to the pool once copied, and the caller reads
+the piece back, a slice at a time in the same threads, as its client takes it. No thread ever
+waits on a slow client's socket, and the spill threads serve nothing else, so a slow reader
+cannot hold up another result's spilling. A piece that finds no room in the budget stays in
+memory, which is back-pressure on the worker as before spilling existed.
 
-A spill file is unlinked, and its bytes uncounted, when its job is closed (result sent, query
-failed, or client gone), once no copy into it is still running. Failure: a copy that fails
-(disk full) fails the piece; the caller aborts the stream as for any error midway.
+A spill file is unlinked when its job is closed (result sent, query failed, or client gone);
+its descriptor is closed and its bytes uncounted once no copy or read of it is running.
+Failure: a copy or read that fails (disk full) fails the piece; the caller aborts the stream
+as for any error midway.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import itertools
 import os
 import shutil
@@ -26,6 +30,7 @@ from engine import log as log_mod
 from engine.shm import Segment
 
 log = log_mod.get()
+THREADS = 2  # spill copies and reads; the disk, not the CPU, is what they wait on
 
 
 class Spills:
@@ -36,12 +41,16 @@ class Spills:
         self.files = 0    # spill files open now
         self.written = 0  # bytes ever spilled
         self._names = itertools.count(1)
+        self.executor = concurrent.futures.ThreadPoolExecutor(THREADS, thread_name_prefix="spill")
 
     def prepare(self) -> None:
         """Start with an empty directory: files of a gateway that died are of no use."""
         if self.budget:
             shutil.rmtree(self.directory, ignore_errors=True)
             self.directory.mkdir(mode=0o700, parents=True)
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True)
 
     def has_room(self, nbytes: int) -> bool:
         return self.budget > 0 and self.used + nbytes <= self.budget
@@ -65,9 +74,9 @@ class Piece:
         self.length = length
         self.copied = copied
 
-    @property
-    def fd(self) -> int:
-        return self.spill.fd
+    async def read(self, offset: int, nbytes: int) -> bytes:
+        """nbytes of this piece from offset (within the piece), read in a spill thread."""
+        return await self.spill.run(os.pread, self.spill.fd, nbytes, self.offset + offset)
 
 
 class Spill:
@@ -78,7 +87,7 @@ class Spill:
         self.path = path
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         self.size = 0
-        self._copying = 0
+        self._busy = 0  # copies into the file and reads from it, running in spill threads
         self._closed = False
         spills.files += 1
 
@@ -88,17 +97,25 @@ class Spill:
         offset, self.size = self.size, self.size + length
         self.spills.used += length
         self.spills.written += length
-        self._copying += 1
-        loop = asyncio.get_running_loop()
-        copied = loop.run_in_executor(None, _copy, self.fd, segment.view, offset, length)
-
-        def done(_):
-            self._copying -= 1
-            on_copied(segment)
-            if self._closed and not self._copying:
-                self._finish()
-        copied.add_done_callback(done)
+        copied = self._submit(_copy, self.fd, segment.view, offset, length)
+        copied.add_done_callback(lambda _: on_copied(segment))
         return Piece(self, offset, length, copied)
+
+    async def run(self, fn, *args):
+        """fn(*args) in a spill thread; the descriptor stays open until it returns, even if
+        the caller is cancelled meanwhile."""
+        return await asyncio.shield(self._submit(fn, *args))
+
+    def _submit(self, fn, *args) -> asyncio.Future:
+        self._busy += 1
+        future = asyncio.get_running_loop().run_in_executor(self.spills.executor, fn, *args)
+        future.add_done_callback(self._done)
+        return future
+
+    def _done(self, _) -> None:
+        self._busy -= 1
+        if self._closed and not self._busy:
+            self._finish()
 
     def close(self) -> None:
         """Unlink now; the descriptor closes once no copy into it is running."""
@@ -106,7 +123,7 @@ class Spill:
             return
         self._closed = True
         self.path.unlink(missing_ok=True)
-        if not self._copying:
+        if not self._busy:
             self._finish()
 
     def _finish(self) -> None:
