@@ -58,7 +58,8 @@ def make_app(fleet: Fleet, cfg: config_mod.Config, cache: QueryCache | None = No
     app[render.PACE] = render.Pace(cfg.results.send_timeout_s, cfg.results.min_send_kbps * 1000)
     if cache is not None:
         app[handlers.CACHE] = cache
-    app[access.METRICS] = Metrics(fleet.stats, cache.stats if cache else None)
+    app[access.METRICS] = Metrics(lambda: {**fleet.stats(), "connections": connections.stats()},
+                                  cache.stats if cache else None)
     app[access.SLOW_QUERY_MS] = cfg.server.slow_query_ms
     app.on_response_prepare.append(access.add_request_id)
     app.add_routes(handlers.routes())

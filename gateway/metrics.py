@@ -144,6 +144,19 @@ class FleetCollector:
                                 value=(stats.get("shm_segments_in_use", 0)
                                        + stats.get("shm_segments_idle", 0))
                                 * stats.get("shm_segment_bytes", 0))
+        yield GaugeMetricFamily("duckfleet_spill_bytes",
+                                "Bytes of results waiting for slow clients in spill files",
+                                value=stats.get("spill_bytes", 0))
+        if "connections" in stats:
+            connections = stats["connections"]
+            yield GaugeMetricFamily("duckfleet_http_connections", "Open HTTP connections",
+                                    value=connections["open"])
+            dropped = CounterMetricFamily("duckfleet_http_connections_dropped",
+                                          "HTTP connections refused or closed by a limit",
+                                          labels=["reason"])
+            for reason in ("refused", "over_limit", "header_timeout", "body_timeout"):
+                dropped.add_metric([reason], connections.get(reason, 0))
+            yield dropped
         rss = GaugeMetricFamily("duckfleet_worker_rss_bytes", "Resident memory of each worker",
                                 labels=["worker", "pid"])
         limit = GaugeMetricFamily("duckfleet_worker_memory_limit_bytes",

@@ -191,3 +191,14 @@ def test_connection_keys_are_validated():
             config_mod.load(None, env={}, overrides={"server": {key: bad}})
     env = {"DUCKFLEET_SERVER_HEADER_TIMEOUT_S": "2.5"}
     assert config_mod.load(None, env=env).server.header_timeout_s == 2.5
+
+
+def test_connection_metrics(make_server, data):
+    srv = make_server(data_dir=data, workers=1, config=TIMEOUTS).start()
+    with connect(srv) as sock:
+        assert read_response(sock)[0] == 408  # silent: dropped at header_timeout_s
+        assert closed_by_server(sock)
+    text = srv.get("/metrics").body.decode()
+    assert 'duckfleet_http_connections_dropped_total{reason="header_timeout"} 1.0' in text
+    assert "duckfleet_http_connections 1.0" in text  # the scrape's own connection
+    assert "duckfleet_spill_bytes 0.0" in text
