@@ -202,3 +202,47 @@ def test_connection_metrics(make_server, data):
     assert 'duckfleet_http_connections_dropped_total{reason="header_timeout"} 1.0' in text
     assert "duckfleet_http_connections 1.0" in text  # the scrape's own connection
     assert "duckfleet_spill_bytes 0.0" in text
+
+
+def test_past_the_health_reserve_connections_are_closed_unread(make_server, data):
+    from gateway.connections import HEALTH_RESERVE
+
+    srv = make_server(data_dir=data, workers=1, config=(
+        "[server]\nmax_connections = 20\nheader_timeout_s = 60\nkeepalive_timeout_s = 60\n")).start()
+    held = [connect(srv) for _ in range(19)]
+    observer = connect(srv)  # one of the 20: it may always read the stats
+
+    def connection_stats():
+        observer.sendall(get("/api/v1/stats/connections"))
+        status, _, body = read_response(observer)
+        assert status == 200
+        return json.loads(body)["connections"]
+    try:
+        wait_for(lambda: connection_stats()["open"] == 20, 20, what="20 open connections")
+        # The reserve's connections have OVERFLOW_HEADER_S (2 s) to ask for health: fill it now.
+        held += [connect(srv) for _ in range(HEALTH_RESERVE)]
+        wait_for(lambda: connection_stats()["open"] == 20 + HEALTH_RESERVE, 20, what="a full reserve")
+        with connect(srv) as late:
+            late.sendall(get("/health"))
+            try:
+                assert late.recv(65536) == b""  # closed unread: not even a 408
+            except ConnectionResetError:
+                pass
+        assert connection_stats()["refused"] == 1
+    finally:
+        observer.close()
+        for sock in held:
+            sock.close()
+
+
+def test_max_connections_is_lowered_to_what_the_fd_limit_leaves(monkeypatch):
+    from engine import config as config_mod
+    from gateway import app as app_mod
+    from gateway.connections import HEALTH_RESERVE
+
+    cfg = config_mod.load(None, env={}, overrides={"workers": {"count": 2}})
+    monkeypatch.setattr(app_mod.resource, "getrlimit", lambda _: (1000, 1000))
+    connections = app_mod.make_connections(cfg, segments=128)
+    assert connections.max == 1000 - 128 - 2 * 2 - app_mod.FD_SPARE - HEALTH_RESERVE
+    monkeypatch.setattr(app_mod.resource, "getrlimit", lambda _: (1 << 20, 1 << 20))
+    assert app_mod.make_connections(cfg, segments=128).max == cfg.server.max_connections
