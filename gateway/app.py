@@ -55,7 +55,7 @@ def make_app(fleet: Fleet, cfg: config_mod.Config, cache: QueryCache | None = No
     app[handlers.CONFIG] = cfg
     app[handlers.CONNECTIONS] = connections
     app[STREAMS] = StreamSlots(cfg.results.max_streams_per_client)
-    app[render.PACE] = render.Pace(cfg.results.send_timeout_s, cfg.results.min_send_kbps * 1000)
+    app[render.MIN_SEND_BYTES] = cfg.results.min_send_kbps * 1000
     if cache is not None:
         app[handlers.CACHE] = cache
     app[access.METRICS] = Metrics(lambda: {**fleet.stats(), "connections": connections.stats()},

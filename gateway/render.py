@@ -60,23 +60,17 @@ STATUS = {
 RETRY_AFTER_S = "1"
 
 
-class Pace(msgspec.Struct, frozen=True):
-    """How fast a client must take its result: send_timeout_s for any one write, and on
-    average min_send_bytes a second once the first send_timeout_s are over (0 = no minimum)."""
-    send_timeout_s: float
-    min_send_bytes: int = 0
-
-
-PACE = web.AppKey("pace", Pace)
+MIN_SEND_BYTES = web.AppKey("min_send_bytes", int)  # results.min_send_kbps x 1000
 
 
 class SendClock:
-    """One response's allowance, from the app's Pace (or just a send timeout without one)."""
+    """How long a response's next bytes may take: send_timeout_s for any one write, and no
+    later than an average of min_send_bytes a second allows once the first send_timeout_s are
+    over. Time spent waiting for the worker is not the client's: it is excused."""
 
     def __init__(self, request: web.Request, send_timeout: float):
-        pace = request.app.get(PACE)
         self.idle = send_timeout
-        self.rate = pace.min_send_bytes if pace else 0
+        self.rate = request.app.get(MIN_SEND_BYTES, 0)
         self.started = time.monotonic()
         self.sent = 0
 
@@ -89,6 +83,9 @@ class SendClock:
 
     def add(self, nbytes: int) -> None:
         self.sent += nbytes
+
+    def excuse(self, since: float) -> None:
+        self.started += time.monotonic() - since
 
 
 def error_body(kind: Kind, message: str) -> bytes:
@@ -213,7 +210,9 @@ async def _stream(request, job: Job, fmt: str, segment: Segment, length: int,
                 job.sent(segment, kept=kept)
             if result is not None:
                 break
+            waiting = time.monotonic()
             segment, length, result = await job.next()
+            clock.excuse(waiting)
         if fmt == "json":
             await response.write(json_tail(result.execution_ms, job.wait_ms))
         await response.write_eof()
