@@ -43,6 +43,12 @@ class ServerConfig(_Section):
     slow_query_ms: NonNegFloat = 1000.0  # queries at least this long are logged; 0 logs every one
     rate_limit_per_s: NonNegFloat = 0.0  # requests a second per token (or client address); 0 = off
     rate_limit_burst: PositiveInt = 20  # how many requests a client may make at once
+    # Connections (gateway/connections.py): how many, and how long a client may take.
+    max_connections: PositiveInt = 4096  # open HTTP connections; past it only health is answered
+    keepalive_timeout_s: PositiveFloat = 30.0  # an idle kept-alive connection is closed after this
+    header_timeout_s: PositiveFloat = 10.0  # from a request's first byte to its last header line
+    body_timeout_s: PositiveFloat = 30.0  # to read a request's whole body
+    raise_fd_limit: bool = True  # raise the open-file limit to its hard limit at start
 
 
 class WorkersConfig(_Section):
@@ -62,7 +68,11 @@ class WorkersConfig(_Section):
     # Liveness: heartbeats from the work loop.
     heartbeat_s: PositiveFloat = 1.0
     heartbeat_timeout_s: PositiveFloat = 15.0  # an idle worker silent this long is killed
-    kill_grace_s: PositiveFloat = 5.0  # past query deadline + cancel grace, before SIGKILL
+    kill_grace_s: PositiveFloat = 5.0  # past query deadline (or a cancel) + cancel grace, before SIGKILL
+    # Hard memory cap: a worker whose RSS passes memory_limit + rss_margin_mb while a query runs
+    # is stopped at once and replaced; the query fails with out_of_memory. 0 = no cap.
+    rss_margin_mb: NonNegInt = 512
+    rss_check_ms: Annotated[int, Meta(ge=10, le=1000)] = 50  # how often RSS is read during a query
     crash_backoff_max_s: PositiveFloat = 8.0
 
 
@@ -96,6 +106,10 @@ class ResultsConfig(_Section):
     shm_idle_mb: NonNegInt = 256  # free segments kept for reuse
     stream_buffer_mb: PositiveInt = 256  # a slow client's result may wait in this much memory
     send_timeout_s: PositiveFloat = 60.0  # a client that takes no bytes for this long is dropped
+    # Slow clients (gateway/spill.py, gateway/render.py, gateway/streams.py).
+    spill_max_mb: NonNegInt = 4096  # results past stream_buffer_mb wait on disk, all together; 0 = off
+    min_send_kbps: NonNegInt = 32  # KB (1000 bytes) a second a client must read on average; 0 = off
+    max_streams_per_client: NonNegInt = 4  # streamed results a token (or address) is sent at once
 
 
 class QueryCacheConfig(_Section):
@@ -182,6 +196,11 @@ def load(path: str | os.PathLike | None, env: dict[str, str] | None = None,
     if config.server.log_file:
         config = msgspec.structs.replace(config, server=msgspec.structs.replace(
             config.server, log_file=str((base / config.server.log_file).resolve())))
+    margin, overhead = config.workers.rss_margin_mb, config.duckdb.process_overhead_mb
+    if 0 < margin < overhead:
+        raise ConfigError(f"workers.rss_margin_mb: {margin} MiB is below duckdb.process_overhead_mb "
+                          f"({overhead} MiB): a worker would pass its cap doing nothing; 0 turns "
+                          "the cap off")
     results = config.results
     if results.shm_budget_mb < 2 * results.chunk_mb * config.worker_count:
         raise ConfigError(f"results.shm_budget_mb: {results.shm_budget_mb} MiB cannot hold two "

@@ -16,6 +16,7 @@ class Kind(StrEnum):
     UNAUTHORIZED = "unauthorized"    # no token, or not a valid one
     FORBIDDEN = "forbidden"          # not a read, outside the sandbox, or not for this token
     TOO_LARGE = "too_large"          # body or result over its limit
+    REQUEST_TIMEOUT = "request_timeout"  # the client did not send its headers or body in time
     OUT_OF_MEMORY = "out_of_memory"  # the query needed more than the worker's memory_limit
     RATE_LIMITED = "rate_limited"    # this token (or client) is over its request rate
     OVERLOADED = "overloaded"        # no worker within the queue timeout, or the queue is full

@@ -1,4 +1,4 @@
-"""Process plumbing shared by every child: die with the supervisor, and know the runtime dir.
+"""Process plumbing shared by every child: die with the supervisor, malloc_trim, the fd limit.
 
 Children are started by exec (never fork: DuckDB starts threads), then call
 die_with_parent() first thing, so that a supervisor killed with SIGKILL takes them along
@@ -10,11 +10,13 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import resource
 import signal
 import sys
 
 PR_SET_PDEATHSIG = 1
 BOOT_FAILED = 3  # a worker's exit code when it cannot start: respawning it would only spin
+OVER_MEMORY = 4  # a worker's exit code when a query took it past its memory cap (engine/memwatch.py)
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 
 
@@ -30,3 +32,20 @@ def malloc_trim() -> None:
     trim = getattr(_libc, "malloc_trim", None)
     if trim is not None:
         trim(0)
+
+
+def raise_fd_limit() -> tuple[int, int]:
+    """Raise this process's open-file limit to its hard limit (children inherit it); returns
+    (soft, hard) after. Each HTTP connection is a descriptor: a soft limit of 1024 is soon hit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard
+    if hard == resource.RLIM_INFINITY:  # the kernel allows at most fs.nr_open
+        with open("/proc/sys/fs/nr_open") as nr_open:
+            target = int(nr_open.read())
+    if soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass  # keep what we have; the gateway sizes max_connections to it
+    return soft, hard

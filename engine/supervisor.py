@@ -7,9 +7,11 @@ the workers by exec and owns the process table. One verb per step: spawn, reap, 
 retire, kill, stop.
 
 Each worker writes one line per event on its own pipe: `ready`, `busy <timeout>` / `idle`
-(heartbeats from its work loop), `retire <reason>` (a recycling limit was reached). A retiring
-worker keeps serving until its replacement is ready; only then is it told to leave (SIGTERM),
-so capacity never dips. A worker silent past its deadline is killed and replaced.
+(heartbeats from its work loop), `cancel` (deadline passed or client gone), `retire <reason>`
+(a recycling limit was reached). A retiring worker keeps serving until its replacement is
+ready; only then is it told to leave (SIGTERM), so capacity never dips. A worker silent past its
+deadline (the query's, or cancel_grace_s + kill_grace_s after a cancel) is killed and replaced;
+one that exits OVER_MEMORY (past its RSS cap) is replaced at once, without crash backoff.
 
 Signals (handlers only queue them; the loop does the work), as Gunicorn's:
 SIGTERM graceful stop (the gateway drains within shutdown_grace_s); SIGINT, SIGQUIT quick stop;
@@ -38,7 +40,7 @@ from pathlib import Path
 import msgspec
 
 from engine import catalog, config as config_mod, log as log_mod, memory, shm, tokens
-from engine.process import BOOT_FAILED
+from engine.process import BOOT_FAILED, OVER_MEMORY, raise_fd_limit
 
 RUNTIME_PREFIX = "duckfleet-"
 STABLE_S = 10.0  # a worker that lived this long resets its slot's crash count
@@ -101,10 +103,13 @@ class Supervisor:
                 f"server.runtime_dir: {socket_path} is {len(socket_path.encode())} bytes, over the "
                 f"{UNIX_PATH_MAX - 1} a Unix socket path may have; choose a shorter directory")
         self.write_config()
+        # Before any child exists: they inherit it (the gateway holds a descriptor a connection).
+        fd_soft, fd_hard = raise_fd_limit() if self.cfg.server.raise_fd_limit else (0, 0)
         self.listeners = bind_listeners(self.cfg.server)
         host, port = self.listeners[0].getsockname()[:2]
         log.info("listening", host=host, port=port, unix_socket=self.cfg.server.unix_socket or None,
                  runtime_dir=str(self.runtime), workers=self.cfg.worker_count,
+                 fd_limit=fd_soft or None, fd_hard_limit=fd_hard or None,
                  memory_limit_bytes=self.memory_limit, memory_plan=plan.describe())
         ensure_demo_data(self.cfg.catalog, self.demo)
         build_index(self.cfg)
@@ -213,6 +218,11 @@ class Supervisor:
             elif word == "busy":
                 workers, queue = self.cfg.workers, self.cfg.queue
                 child.deadline = now + float(arg) + queue.cancel_grace_s + workers.kill_grace_s
+            elif word == "cancel" and child.deadline:
+                # Without this, a query that ignores interrupts would hold its worker until its
+                # original deadline (query_timeout_s, 300 s by default) after its client left.
+                grace = self.cfg.queue.cancel_grace_s + self.cfg.workers.kill_grace_s
+                child.deadline = min(child.deadline, now + grace)
             elif word == "ready":
                 child.deadline = now + self.cfg.workers.heartbeat_timeout_s
                 self.on_ready(child)
@@ -269,6 +279,11 @@ class Supervisor:
             elif self.stopping:
                 log.info("exited", process=child.role, slot=child.slot, child_pid=pid,
                          uptime_s=uptime, **how)
+            elif child.role == "worker" and code == OVER_MEMORY:
+                log.warning("exited", process=child.role, slot=child.slot, child_pid=pid,
+                            uptime_s=uptime, planned="out_of_memory", **how)
+                self.crashes.pop(child.slot, None)  # the query's doing, not the slot's: no backoff
+                self.replace(child, code)
             else:
                 log.warning("crashed", process=child.role, slot=child.slot, child_pid=pid,
                             uptime_s=uptime, **how)

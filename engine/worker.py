@@ -14,6 +14,12 @@ token may read is decided by DuckDB's catalog and file system checks, not by rea
 A result is encoded straight into the segment the gateway lent with the query; the worker
 replies with its length and keeps nothing. Failures are replied as typed Failure messages;
 only a broken gateway connection or SIGTERM ends the loop (after the current query).
+
+Memory: while a query runs a watch thread (engine/memwatch.py) reads RSS; past memory_limit +
+workers.rss_margin_mb the worker says Bye and fails the query with OUT_OF_MEMORY, then exits at
+once with OVER_MEMORY (no cleanup: the memory is the problem), and the supervisor replaces it.
+Every message to the gateway goes through Worker.send, whose lock keeps frames whole across the
+main, reader and watch threads.
 """
 
 from __future__ import annotations
@@ -34,9 +40,10 @@ import duckdb
 import pyarrow as pa
 
 from engine import catalog, config as config_mod, index, log as log_mod, policy, protocol, sandbox
+from engine.memwatch import MemoryWatch, current_rss
 from engine.encode import FORMATS, write_result
 from engine.errors import Kind, QueryError
-from engine.process import BOOT_FAILED, die_with_parent, malloc_trim
+from engine.process import BOOT_FAILED, OVER_MEMORY, die_with_parent, malloc_trim
 from engine.shm import ChunkWriter
 
 log = log_mod.get()
@@ -165,14 +172,7 @@ def verify_settings(con: duckdb.DuckDBPyConnection, expected: dict) -> dict[str,
 
 
 WAKE = object()  # inbox sentinel: look at `leaving` again
-
-
-def current_rss() -> int:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * PAGE_SIZE
-
-
-PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+SEND_LOCK_WAIT_S = 1.0  # the watch thread's wait for a frame in flight before it exits anyway
 
 
 class Worker:
@@ -202,6 +202,35 @@ class Worker:
         self.rss_at_connect = self.rss_at_trim = current_rss()
         self.leaving: str | None = None  # set by SIGTERM: say Bye, finish, exit
         self.retiring: str | None = None  # a limit was reached and the supervisor was told
+        self._send_lock = threading.Lock()
+        self.rss_cap = (instances.memory_limit + workers.rss_margin_mb * 2**20
+                        if workers.rss_margin_mb else 0)
+        self.watch = MemoryWatch(self.rss_cap, workers.rss_check_ms / 1000, self.over_memory)
+        self.watch.start()
+
+    def send(self, message: protocol.Message) -> None:
+        with self._send_lock:
+            protocol.send(self.sock, message)
+
+    def over_memory(self, query_id: int, rss: int) -> None:
+        """Watch thread: the running query took RSS past the cap. Tell the gateway (Bye, so it
+        sends nothing more here, then the query's failure) and exit at once."""
+        limit, margin = self.instances.memory_limit, self.cfg.workers.rss_margin_mb
+        message = (f"the query took its worker's memory to {rss / 2**20:.0f} MiB, past the "
+                   f"worker's cap of {self.rss_cap / 2**20:.0f} MiB (memory_limit is "
+                   f"{limit / 2**20:.1f} MiB, plus workers.rss_margin_mb = {margin}); the worker "
+                   "was stopped and replaced")
+        log.warning("worker_over_memory", worker=self.worker_id, query_id=query_id, rss=rss,
+                    cap=self.rss_cap, memory_limit=limit)
+        # Holding the lock, the main thread cannot send this query's Result in between.
+        if self._send_lock.acquire(timeout=SEND_LOCK_WAIT_S):
+            try:
+                if self.watch.armed_for() == query_id:
+                    protocol.send(self.sock, protocol.Bye("out_of_memory"))
+                    protocol.send(self.sock, protocol.Failure(query_id, Kind.OUT_OF_MEMORY, message))
+            except OSError:
+                pass
+        os._exit(OVER_MEMORY)
 
     # --- talking to the supervisor: one line per event on a pipe ---
 
@@ -235,15 +264,19 @@ class Worker:
                         if self._running is not None and self._running[0] == message.id:
                             self.grants.put(message.segment)
                 elif isinstance(message, protocol.Cancel):
-                    self._cancel(message.id)
+                    self._cancel(message.id, tell_supervisor=True)
         except (OSError, protocol.ProtocolError) as exc:
             log.warning("gateway_connection_failed", error=str(exc))
         self._cancel(None)
         self.inbox.put(None)
 
-    def _cancel(self, query_id: int | None) -> None:
+    def _cancel(self, query_id: int | None, tell_supervisor: bool = False) -> None:
         with self._lock:
             if self._running is not None and query_id in (None, self._running[0]):
+                if tell_supervisor and self._interrupted != self._running[0]:
+                    # The deadline passed or the client left: if DuckDB ignores the interrupt,
+                    # the supervisor kills this worker after the grace, not at the old deadline.
+                    self.status("cancel")
                 self._interrupted = self._running[0]
                 if self._running[1] is not None:
                     self._running[1].interrupt()
@@ -255,7 +288,7 @@ class Worker:
         said_bye = False
         while True:
             if self.leaving and not said_bye:
-                protocol.send(self.sock, protocol.Bye(self.leaving))
+                self.send(protocol.Bye(self.leaving))
                 said_bye = True
             try:
                 query = self.inbox.get(timeout=self.cfg.workers.heartbeat_s)
@@ -269,7 +302,9 @@ class Worker:
             self.status(f"busy {query.timeout_s}")
             reply = self.run(query)
             try:
-                protocol.send(self.sock, reply)
+                with self._send_lock:
+                    self.watch.disarm()  # under the lock: the watch thread cannot fail it now
+                    protocol.send(self.sock, reply)
             except OSError:
                 return
             self.after_query(reply.rows if isinstance(reply, protocol.Result) else 0)
@@ -284,7 +319,7 @@ class Worker:
     def report_memory(self) -> None:
         memory = self.instances.full.execute("SELECT coalesce(sum(memory_usage_bytes), 0)::BIGINT "
                                   "FROM duckdb_memory()").fetchone()[0]
-        protocol.send(self.sock, protocol.Status(current_rss(), memory, self.queries, self.connections))
+        self.send(protocol.Status(current_rss(), memory, self.queries, self.connections))
 
     def after_query(self, rows: int) -> None:
         self.queries += 1
@@ -355,13 +390,14 @@ class Worker:
 
     def run(self, query: protocol.Query) -> protocol.Result | protocol.Failure:
         started = time.perf_counter()
+        self.watch.arm(query.id)
         with self._lock:
             self._running = (query.id, None)
             while not self.grants.empty():  # grants of an earlier query, reclaimed by the gateway
                 self.grants.get_nowait()
 
         def hand_over(segment: str, length: int) -> None:
-            protocol.send(self.sock, protocol.Chunk(query.id, segment, length))
+            self.send(protocol.Chunk(query.id, segment, length))
 
         con = None
         try:
@@ -474,7 +510,7 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: worker.leave())
     log.info("ready", process="worker", slot=args.id, **settings)
     while True:
-        protocol.send(worker.sock, protocol.Hello(args.id, os.getpid(), args.memory_limit, settings))
+        worker.send(protocol.Hello(args.id, os.getpid(), args.memory_limit, settings))
         threading.Thread(target=worker.read_loop, name="socket-reader", daemon=True).start()
         worker.serve()
         worker.sock.close()

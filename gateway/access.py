@@ -82,6 +82,12 @@ async def observe(request: web.Request, handler):
         _record(request, facts, status, sent)
 
 
+def client_key(request: web.Request) -> str:
+    """Whom a per-client limit counts: the token, or the client's address without auth."""
+    facts = request[FACTS]
+    return f"token:{facts.token.name}" if facts.token else f"client:{request.remote or 'unix'}"
+
+
 async def add_request_id(request: web.Request, response: web.StreamResponse) -> None:
     facts = request.get(FACTS)
     if facts is not None:

@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import logging
 import os
+import resource
 import signal
 import socket
 import sys
@@ -24,34 +25,61 @@ from aiohttp import web
 
 from engine import config as config_mod, log as log_mod, shm
 from engine.process import die_with_parent
-from gateway import access, auth, handlers, ratelimit
+from gateway import access, auth, connections as connections_mod, handlers, ratelimit, render
 from gateway.cache import QueryCache
 from gateway.catalog import Catalog
 from gateway.fleet import Fleet
 from gateway.metrics import Metrics
+from gateway.spill import Spills
+from gateway.streams import STREAMS, StreamSlots
+
+FD_SPARE = 256  # descriptors kept for everything but connections, segments and worker sockets
 
 
 def make_app(fleet: Fleet, cfg: config_mod.Config, catalog: Catalog,
-             cache: QueryCache | None = None) -> web.Application:
+             cache: QueryCache | None = None,
+             connections: connections_mod.Connections | None = None) -> web.Application:
     """Middlewares, outermost first: observe (request id, access log, metrics), errors (JSON
-    errors), auth (when enabled), rate limit (when enabled); then the handler."""
-    middlewares = [access.observe, handlers.errors_middleware]
+    errors), connection limits, auth (when enabled), rate limit (when enabled), the body's
+    deadline; then the handler."""
+    if connections is None:
+        connections = make_connections(cfg, fleet.segments.limit)
+    middlewares = [access.observe, handlers.errors_middleware, connections_mod.middleware(connections)]
     if cfg.auth.enabled:
         middlewares.append(auth.middleware(auth.TokenStore(cfg.auth.tokens_file)))
     if cfg.server.rate_limit_per_s > 0:
         middlewares.append(ratelimit.middleware(
             ratelimit.TokenBuckets(cfg.server.rate_limit_per_s, cfg.server.rate_limit_burst)))
+    middlewares.append(connections_mod.body_middleware(connections))
     app = web.Application(client_max_size=cfg.server.max_body_kb * 1024, middlewares=middlewares)
     app[handlers.FLEET] = fleet
     app[handlers.CONFIG] = cfg
     app[handlers.CATALOG] = catalog
+    app[handlers.CONNECTIONS] = connections
+    app[STREAMS] = StreamSlots(cfg.results.max_streams_per_client)
+    app[render.MIN_SEND_BYTES] = cfg.results.min_send_kbps * 1000
     if cache is not None:
         app[handlers.CACHE] = cache
-    app[access.METRICS] = Metrics(fleet.stats, cache.stats if cache else None)
+    app[access.METRICS] = Metrics(lambda: {**fleet.stats(), "connections": connections.stats()},
+                                  cache.stats if cache else None)
     app[access.SLOW_QUERY_MS] = cfg.server.slow_query_ms
     app.on_response_prepare.append(access.add_request_id)
     app.add_routes(handlers.routes())
     return app
+
+
+def make_connections(cfg: config_mod.Config, segments: int) -> connections_mod.Connections:
+    """max_connections, lowered to what the open-file limit leaves (each connection is a
+    descriptor; so are segments, worker sockets, logs and spill files: FD_SPARE and more)."""
+    server = cfg.server
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    room = soft - segments - 2 * cfg.worker_count - FD_SPARE - connections_mod.HEALTH_RESERVE
+    limit = server.max_connections
+    if room < limit:
+        limit = max(1, room)
+        log_mod.get().warning("fd_limit_low", fd_limit=soft, max_connections=server.max_connections,
+                              lowered_to=limit, hint="raise the hard open-file limit (ulimit -Hn)")
+    return connections_mod.Connections(limit, server.header_timeout_s, server.body_timeout_s)
 
 
 def make_cache(cfg: config_mod.Config, segments: shm.SegmentPool, catalog: Catalog) -> QueryCache:
@@ -70,10 +98,13 @@ async def serve(runtime: Path, supervisor_pid: int, listen_fds: list[int]) -> No
     segments = shm.SegmentPool(shm_prefix, results.chunk_mb * 2**20, results.shm_budget_mb * 2**20,
                                results.shm_idle_mb * 2**20)
     segments.prealloc(results.shm_prealloc_mb * 2**20)
+    spills = Spills(runtime / "spill", results.spill_max_mb * 2**20)
+    spills.prepare()
     fleet = Fleet(segments, max_queue=queue.max_queue_size, queue_timeout=queue.queue_timeout_s,
                   query_timeout=queue.query_timeout_s, cancel_grace=queue.cancel_grace_s,
                   aging=queue.priority_aging_s, max_result_bytes=results.max_result_mb * 2**20,
-                  batch_rows=results.batch_rows, stream_buffer=results.stream_buffer_mb * 2**20)
+                  batch_rows=results.batch_rows, stream_buffer=results.stream_buffer_mb * 2**20,
+                  spills=spills if spills.budget else None)
     catalog = Catalog(cfg.catalog)
     await catalog.start()  # the supervisor built the index file: this loads and checks it
     cache = make_cache(cfg, segments, catalog) if cfg.query_cache.enabled else None
@@ -86,12 +117,15 @@ async def serve(runtime: Path, supervisor_pid: int, listen_fds: list[int]) -> No
         os.umask(old_umask)
 
     # handler_cancellation: a client that disconnects cancels its request, wherever it is.
-    runner = web.AppRunner(make_app(fleet, cfg, catalog, cache), handle_signals=False, access_log=None,
-                           shutdown_timeout=cfg.server.shutdown_grace_s, handler_cancellation=True)
+    connections = make_connections(cfg, segments.limit)
+    runner = web.AppRunner(make_app(fleet, cfg, catalog, cache, connections), handle_signals=False,
+                           access_log=None, shutdown_timeout=cfg.server.shutdown_grace_s,
+                           handler_cancellation=True,
+                           keepalive_timeout=cfg.server.keepalive_timeout_s)
     await runner.setup()
     for fd in listen_fds:
         sock = socket.socket(fileno=fd)
-        await web.SockSite(runner, sock).start()
+        await connections_mod.GuardedSite(runner, sock, connections, backlog=1024).start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -113,6 +147,7 @@ async def serve(runtime: Path, supervisor_pid: int, listen_fds: list[int]) -> No
         cache.close()  # before the pool: its segments go back to it
     catalog.close()
     fleet.close()
+    spills.close()
     worker_socket.unlink(missing_ok=True)
     log.info("gateway_stopped")
 

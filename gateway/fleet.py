@@ -10,9 +10,11 @@ lower priority goes first once it has waited that much longer, so none starves.
 A Job follows one query from Query to the worker's final reply. The worker writes the result
 into segments lent by the pool: a full one comes back as a Chunk for the caller to send, and the
 job grants a spare so the worker never waits for the client, as long as the client's unsent
-chunks stay under stream_buffer_mb and the pool's budget has room (back-pressure otherwise).
+chunks stay under stream_buffer_mb and the pool's budget has room. Past stream_buffer_mb the
+next pieces go to the job's spill file (gateway/spill.py) while the spill budget has room, so a
+slow client holds disk, not its worker; with no room, the worker waits (back-pressure).
 The worker is returned to the idle set the moment its final reply arrives, before the client has
-all the bytes. Segments go back to the pool once sent, or at once if the caller has gone.
+all the bytes. Segments go back to the pool once sent or spilled, or at once if the caller has gone.
 
 Deadline: at query_timeout_s (or the request's lower timeout) the job sends Cancel, which
 interrupts DuckDB; if the worker has not answered after cancel_grace_s the caller gets its
@@ -32,11 +34,13 @@ import psutil
 from engine import log as log_mod, protocol
 from engine.errors import Kind, QueryError
 from engine.shm import Segment, SegmentPool
+from gateway.spill import Piece, Spill, Spills
 
 log = log_mod.get()
 
 PRIORITY_RANK = {"high": 0, "normal": 1, "low": 2}
 CANCEL_REPEAT_S = 0.5
+OVER_MEMORY = "out_of_memory"  # a worker's Bye reason before it fails its query and exits
 
 
 class WorkerLink:
@@ -85,6 +89,8 @@ class Job:
         self.lent: dict[str, Segment] = {}   # held by the worker
         self.items: asyncio.Queue = asyncio.Queue()  # for the caller: chunks, then the end
         self.unsent = 0                      # chunks handed to the caller, not yet sent
+        self.spill: Spill | None = None      # where pieces past stream_buffer wait, if any
+        self.copying = 0                     # segments being copied into the spill file
         self.finished = False                # the worker has sent its final reply, or died
         self.closed = False                  # the caller is done with this job
         self.timed_out = False
@@ -100,15 +106,19 @@ class Job:
 
     # --- the caller's side ---
 
-    async def next(self) -> tuple[Segment, int, protocol.Result | None]:
-        """(segment, length, None) for a chunk; (segment, length, Result) for the last piece."""
+    async def next(self) -> tuple[Segment | Piece, int, protocol.Result | None]:
+        """(segment, length, None) for a chunk; (segment, length, Result) for the last piece;
+        a spilled Piece instead of a segment for pieces the client was too slow to take."""
         item = await self.items.get()
         if isinstance(item, QueryError):
             raise item
         return item
 
-    def sent(self, segment: Segment, kept: bool = False) -> None:
+    def sent(self, segment: Segment | Piece, kept: bool = False) -> None:
         """The caller is done with a segment: back to the pool, or kept (by the cache)."""
+        if isinstance(segment, Piece):
+            self._grant()
+            return
         if kept:
             self.fleet.segments.detach(segment)
         else:
@@ -121,8 +131,10 @@ class Job:
         self.closed = True
         while not self.items.empty():
             item = self.items.get_nowait()
-            if isinstance(item, tuple):
+            if isinstance(item, tuple) and isinstance(item[0], Segment):
                 self.fleet.segments.release(item[0])
+        if self.spill is not None:
+            self.spill.close()
         if not self.finished:
             self._cancel()
 
@@ -140,8 +152,7 @@ class Job:
         if self.closed:
             self.fleet.segments.release(segment)
         else:
-            self.unsent += 1
-            self.items.put_nowait((segment, message.length, None))
+            self._hand_over(segment, message.length, None)
         self._grant()
 
     def on_final(self, message: protocol.Result | protocol.Failure) -> None:
@@ -153,14 +164,32 @@ class Job:
             if self.closed:
                 self.fleet.segments.release(segment)
             else:
-                self.unsent += 1
-                self.items.put_nowait((segment, message.length, message))
+                self._hand_over(segment, message.length, message)
             return
         self._reclaim()
         if message.kind == Kind.TIMEOUT:
             self.items.put_nowait(self._timeout_error())
         else:
             self.items.put_nowait(QueryError(Kind(message.kind), message.message))
+
+    def _hand_over(self, segment: Segment, length: int, result: protocol.Result | None) -> None:
+        """To the caller: in memory while its unsent chunks stay under stream_buffer, else
+        copied to the spill file if the spill budget has room (the segment is freed then)."""
+        spills = self.fleet.spills
+        if (self.unsent * self.fleet.segments.chunk_bytes >= self.fleet.stream_buffer
+                and spills is not None and spills.has_room(length)):
+            if self.spill is None:
+                self.spill = spills.open()
+            self.copying += 1
+            self.items.put_nowait((self.spill.append(segment, length, self._copied), length, result))
+        else:
+            self.unsent += 1
+            self.items.put_nowait((segment, length, result))
+
+    def _copied(self, segment: Segment) -> None:
+        self.copying -= 1
+        self.fleet.segments.release(segment)
+        self._grant()
 
     def on_lost(self) -> None:
         self._finish()
@@ -200,9 +229,12 @@ class Job:
     # --- grants: keep one spare segment with the worker while there is room ---
 
     def _wants_segment(self) -> bool:
-        buffered = (self.unsent + len(self.lent)) * self.fleet.segments.chunk_bytes
+        chunk, spills = self.fleet.segments.chunk_bytes, self.fleet.spills
+        buffered = (self.unsent + len(self.lent) + self.copying) * chunk
+        room = buffered < self.fleet.stream_buffer or (
+            spills is not None and spills.has_room((len(self.lent) + 1) * chunk))
         return (not self.finished and not self.closed and not self._granting
-                and len(self.lent) < 2 and buffered < self.fleet.stream_buffer)
+                and len(self.lent) < 2 and room)
 
     def _grant(self) -> None:
         if not self._wants_segment():
@@ -235,7 +267,8 @@ class Job:
 class Fleet:
     def __init__(self, segments: SegmentPool, *, max_queue: int, queue_timeout: float,
                  query_timeout: float, cancel_grace: float, aging: float,
-                 max_result_bytes: int, batch_rows: int, stream_buffer: int):
+                 max_result_bytes: int, batch_rows: int, stream_buffer: int,
+                 spills: Spills | None = None):
         self.segments = segments
         self.max_queue = max_queue
         self.queue_timeout = queue_timeout
@@ -245,6 +278,7 @@ class Fleet:
         self.max_result_bytes = max_result_bytes
         self.batch_rows = batch_rows
         self.stream_buffer = stream_buffer
+        self.spills = spills
         self.links: dict[int, WorkerLink] = {}
         self._idle: collections.deque[WorkerLink] = collections.deque()
         self._waiters: list[tuple[float, int, asyncio.Future, str]] = []  # a heap
@@ -255,6 +289,7 @@ class Fleet:
         self.crashed = 0
         self.timeouts = 0
         self.retried = 0
+        self.memory_kills = 0  # workers stopped by their RSS cap (they said Bye "out_of_memory")
         self.rejected = {"queue_full": 0, "queue_timeout": 0}
         self.recycled: dict[str, int] = {}
 
@@ -310,7 +345,9 @@ class Fleet:
                 self.crashed += 1
                 link.job.on_lost()
                 link.job = None
-            if link.retiring:
+            if link.retiring == OVER_MEMORY:
+                self.memory_kills += 1
+            elif link.retiring:
                 self.recycled[link.retiring] = self.recycled.get(link.retiring, 0) + 1
             log.info("worker_left", worker=link.worker_id, worker_pid=link.pid,
                      reason=link.retiring or "lost")
@@ -413,11 +450,13 @@ class Fleet:
                 "served": self.served, "recycled": sum(self.recycled.values()),
                 "recycled_by_reason": dict(self.recycled), "crashed": self.crashed,
                 "retried": self.retried, "timeouts": self.timeouts,
+                "killed_over_memory": self.memory_kills,
                 "rejected": dict(self.rejected),
                 "shm_segments_in_use": pool.in_use, "shm_segments_idle": pool.idle,
                 "shm_segments_created": pool.created,
                 "shm_segments_cached": pool.detached, "shm_segment_bytes": pool.chunk_bytes,
                 "shm_waiting": pool.waiting,
+                **(self.spills.stats() if self.spills else {}),
                 "workers": workers}
 
     def close(self) -> None:

@@ -17,15 +17,18 @@ from engine.config import Config
 from engine.errors import Kind, QueryError
 from gateway import openapi, render
 from gateway.access import FACTS, METRICS
+from gateway.connections import Connections
 from gateway.cache import BYPASS, RETRY, CacheKey, Entry, Flight, QueryCache
 from gateway.catalog import Catalog, Plan
 from gateway.fleet import Fleet
 from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from gateway.streams import STREAMS
 
 FLEET = web.AppKey("fleet", Fleet)
 CONFIG = web.AppKey("config", Config)
 CACHE = web.AppKey("cache", QueryCache)
 CATALOG = web.AppKey("catalog", Catalog)
+CONNECTIONS = web.AppKey("connections", Connections)
 log = log_mod.get()
 
 
@@ -234,7 +237,8 @@ async def ready(request: web.Request) -> web.Response:
 
 
 async def stats(request: web.Request) -> web.Response:
-    return web.json_response(request.app[FLEET].stats())
+    return web.json_response({**request.app[FLEET].stats(), **request.app[STREAMS].stats(),
+                              "connections": request.app[CONNECTIONS].stats()})
 
 
 async def cache_stats(request: web.Request) -> web.Response:

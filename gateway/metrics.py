@@ -132,6 +132,9 @@ class FleetCollector:
         yield CounterMetricFamily("duckfleet_query_timeouts",
                                   "Queries interrupted at their deadline",
                                   value=stats.get("timeouts", 0))
+        yield CounterMetricFamily("duckfleet_worker_memory_kills",
+                                  "Workers stopped because a query took them past their RSS cap",
+                                  value=stats.get("killed_over_memory", 0))
         recycles = CounterMetricFamily("duckfleet_worker_recycles",
                                        "Planned worker replacements by reason", labels=["reason"])
         by_reason = stats.get("recycled_by_reason", {})
@@ -149,6 +152,19 @@ class FleetCollector:
                                 value=(stats.get("shm_segments_in_use", 0)
                                        + stats.get("shm_segments_idle", 0))
                                 * stats.get("shm_segment_bytes", 0))
+        yield GaugeMetricFamily("duckfleet_spill_bytes",
+                                "Bytes of results waiting for slow clients in spill files",
+                                value=stats.get("spill_bytes", 0))
+        if "connections" in stats:
+            connections = stats["connections"]
+            yield GaugeMetricFamily("duckfleet_http_connections", "Open HTTP connections",
+                                    value=connections["open"])
+            dropped = CounterMetricFamily("duckfleet_http_connections_dropped",
+                                          "HTTP connections refused or closed by a limit",
+                                          labels=["reason"])
+            for reason in ("refused", "over_limit", "header_timeout", "body_timeout"):
+                dropped.add_metric([reason], connections.get(reason, 0))
+            yield dropped
         rss = GaugeMetricFamily("duckfleet_worker_rss_bytes", "Resident memory of each worker",
                                 labels=["worker", "pid"])
         limit = GaugeMetricFamily("duckfleet_worker_memory_limit_bytes",

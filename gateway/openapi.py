@@ -45,7 +45,7 @@ SCHEMAS = {
             "error": {"type": "string"},
             "error_type": {"enum": ["bad_request", "sql_error", "unauthorized", "forbidden",
                                     "too_large", "out_of_memory", "rate_limited", "overloaded",
-                                    "timeout", "worker_lost", "internal"]},
+                                    "timeout", "worker_lost", "internal", "request_timeout"]},
         },
     },
     "QueryResult": {
@@ -236,6 +236,10 @@ def document(request_struct: type, auth_enabled: bool) -> dict:
             continue
         for operation in item.values():
             operation["responses"]["429"] = RATE_LIMITED
+            # past server.max_connections only health routes are answered
+            operation["responses"].setdefault("503", _error("too many open connections", RETRY))
+            if "requestBody" in operation:
+                operation["responses"]["408"] = _error("the body did not arrive within body_timeout_s")
             if auth_enabled:
                 operation["security"] = [{"bearer": []}, {"apiKey": []}, {"token": []}]
                 operation["responses"]["401"] = UNAUTHORIZED

@@ -19,7 +19,7 @@ from aiohttp import web
 
 from engine.errors import Kind
 from gateway import render
-from gateway.access import FACTS
+from gateway.access import FACTS, client_key
 from gateway.auth import OPEN_PATHS
 
 MAX_KEYS = 10_000
@@ -54,8 +54,7 @@ def middleware(buckets: TokenBuckets):
         if request.path in OPEN_PATHS:
             return await handler(request)
         facts = request[FACTS]
-        key = f"token:{facts.token.name}" if facts.token else f"client:{request.remote or 'unix'}"
-        wait = buckets.take(key)
+        wait = buckets.take(client_key(request))
         if wait:
             facts.error_type = str(Kind.RATE_LIMITED)
             response = render.error_response(

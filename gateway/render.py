@@ -9,8 +9,13 @@ A result that fits one segment is sent with Content-Length and every X- header. 
 streams as it is produced (chunked transfer encoding): the first bytes leave once one segment
 is full, whatever the size, and X-Row-Count / X-Execution-Time-Ms are not known in time for
 the headers (JSON carries both in its body). If such a result fails midway, or a client takes
-no bytes for send_timeout_s, the connection is aborted without the final chunk, so the client
-sees a truncated transfer, never a silently short result.
+no bytes for send_timeout_s, or reads slower than results.min_send_kbps on average once its
+first send_timeout_s are over (`SendClock`), the connection is aborted without the final chunk,
+so the client sees a truncated transfer, never a silently short result.
+
+Pieces a slow client left behind wait in a spill file (gateway/spill.py) and are read back a
+slice at a time as the client takes them. A client may be sent at most max_streams_per_client
+streamed results at once (gateway/streams.py).
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ from engine.shm import Segment
 from gateway.cache import Entry, Keeper
 from gateway.fleet import Job
 from gateway.sendfile import sendfile
+from gateway.spill import Piece
+from gateway.streams import STREAMS
 
 log = log_mod.get()
 
@@ -43,6 +50,7 @@ STATUS = {
     Kind.OUT_OF_MEMORY: 400,
     Kind.UNAUTHORIZED: 401,
     Kind.FORBIDDEN: 403,
+    Kind.REQUEST_TIMEOUT: 408,
     Kind.TOO_LARGE: 413,
     Kind.RATE_LIMITED: 429,
     Kind.OVERLOADED: 503,
@@ -53,11 +61,43 @@ STATUS = {
 RETRY_AFTER_S = "1"
 
 
+MIN_SEND_BYTES = web.AppKey("min_send_bytes", int)  # results.min_send_kbps x 1000
+
+
+class SendClock:
+    """How long a response's next bytes may take: send_timeout_s for any one write, and no
+    later than an average of min_send_bytes a second allows once the first send_timeout_s are
+    over. Time spent waiting for the worker is not the client's: it is excused."""
+
+    def __init__(self, request: web.Request, send_timeout: float):
+        self.idle = send_timeout
+        self.rate = request.app.get(MIN_SEND_BYTES, 0)
+        self.started = time.monotonic()
+        self.sent = 0
+
+    def limit(self, nbytes: int) -> float:
+        """How long the next nbytes may take."""
+        if not self.rate:
+            return self.idle
+        deadline = self.started + self.idle + (self.sent + nbytes) / self.rate
+        return max(0.0, min(self.idle, deadline - time.monotonic()))
+
+    def add(self, nbytes: int) -> None:
+        self.sent += nbytes
+
+    def excuse(self, since: float) -> None:
+        self.started += time.monotonic() - since
+
+
+def error_body(kind: Kind, message: str) -> bytes:
+    return msgspec.json.encode({"success": False, "error": message, "error_type": str(kind)})
+
+
 def error_response(kind: Kind, message: str, status: int | None = None) -> web.Response:
     status = status or STATUS[kind]
-    headers = {"Retry-After": RETRY_AFTER_S} if status == 503 else None
-    body = msgspec.json.encode({"success": False, "error": message, "error_type": str(kind)})
-    return web.Response(status=status, body=body, content_type="application/json", headers=headers)
+    headers = {"Retry-After": RETRY_AFTER_S} if status in (429, 503) else None
+    return web.Response(status=status, body=error_body(kind, message),
+                        content_type="application/json", headers=headers)
 
 
 def json_tail(execution_ms: float, wait_ms: float) -> bytes:
@@ -111,15 +151,18 @@ async def send_entry(request: web.Request, entry: Entry, fmt: str, cache_state: 
     response = web.StreamResponse(headers=headers)
     response.content_length = entry.length + len(tail)
     writer = await response.prepare(request)
+    clock = SendClock(request, send_timeout)
     try:
         with _unbuffered(request) as transport:
-            async with asyncio.timeout(send_timeout):
+            async with asyncio.timeout(clock.limit(0)):
                 await writer.drain()  # the headers: sendfile writes behind the transport's back
             for segment, length in entry.segments:
-                await sendfile(transport, segment.fd, 0, length, send_timeout)
+                async with asyncio.timeout(clock.limit(length)):
+                    await sendfile(transport, segment.fd, 0, length, send_timeout)
                 writer.output_size += length
+                clock.add(length)
     except TimeoutError:
-        return _abort(request, response, send_timeout)
+        return _abort(request, response, _too_slow(clock))
     if tail:
         await response.write(tail)
     await response.write_eof()
@@ -131,34 +174,69 @@ async def _send(request, job: Job, fmt: str, send_timeout: float, segment: Segme
     headers = {"Content-Type": MEDIA_TYPES[fmt], "X-Wait-Time-Ms": f"{job.wait_ms:.3f}"}
     if cache_state:
         headers["X-Cache"] = cache_state
+    clock = SendClock(request, send_timeout)
     if result is not None:
-        return await _send_whole(request, job, fmt, segment, length, result, headers, send_timeout)
+        return await _send_whole(request, job, fmt, segment, length, result, headers, clock)
+    slots = request.app.get(STREAMS)
+    try:
+        hold = slots.hold(request) if slots is not None else contextlib.nullcontext()
+        hold.__enter__()
+    except QueryError:
+        job.sent(segment)
+        raise
+    try:
+        return await _stream(request, job, fmt, segment, length, keeper, headers, clock)
+    finally:
+        hold.__exit__(None, None, None)
+
+
+async def _stream(request, job: Job, fmt: str, segment: Segment, length: int,
+                  keeper: Keeper | None, headers: dict, clock: SendClock) -> web.StreamResponse:
+    """A result of more than one segment, sent as its pieces come (chunked)."""
     response = web.StreamResponse(headers=headers)
     response.enable_chunked_encoding()
     writer = await response.prepare(request)
+    result = None
     try:
         while True:
             try:
-                await _send_view(request, response, writer, segment.view[:length], send_timeout)
+                if isinstance(segment, Piece):
+                    await _send_piece(request, response, writer, segment, clock)
+                else:
+                    await _send_view(request, response, writer, segment.view[:length], clock)
             finally:
-                job.sent(segment, kept=keeper is not None and keeper.keep(segment, length))
+                kept = False
+                if keeper is not None:
+                    if isinstance(segment, Piece):
+                        keeper.give_up()  # spilled: too large for the cache anyway
+                    else:
+                        kept = keeper.keep(segment, length)
+                job.sent(segment, kept=kept)
             if result is not None:
                 break
+            waiting = time.monotonic()
             segment, length, result = await job.next()
+            clock.excuse(waiting)
         if fmt == "json":
             await response.write(json_tail(result.execution_ms, job.wait_ms))
         await response.write_eof()
         if keeper is not None and (entry := keeper.finish(result.rows, result.execution_ms)):
             entry.unpin()  # stored for the next requests; this one has it all
     except (QueryError, TimeoutError) as exc:
-        log.warning("stream_aborted", query_id=job.id, error=str(exc))
+        log.warning("stream_aborted", query_id=job.id, error=str(exc) or _too_slow(clock))
         if request.transport is not None:
             request.transport.abort()
     return response
 
 
+def _too_slow(clock: SendClock) -> str:
+    rate = f" or below {clock.rate / 1000:g} KB/s (results.min_send_kbps)" if clock.rate else ""
+    return (f"the client took no bytes for {clock.idle:g} s (results.send_timeout_s){rate} "
+            f"after {clock.sent} bytes")
+
+
 async def _send_whole(request, job: Job, fmt: str, segment: Segment, length: int,
-                      result, headers: dict, send_timeout: float) -> web.StreamResponse:
+                      result, headers: dict, clock: SendClock) -> web.StreamResponse:
     headers.update({"X-Row-Count": str(result.rows),
                     "X-Execution-Time-Ms": f"{result.execution_ms:.3f}"})
     tail = json_tail(result.execution_ms, job.wait_ms) if fmt == "json" else b""
@@ -169,9 +247,9 @@ async def _send_whole(request, job: Job, fmt: str, segment: Segment, length: int
         response.content_length = length + len(tail)
         writer = await response.prepare(request)
         try:
-            await _send_view(request, response, writer, segment.view[:length], send_timeout)
+            await _send_view(request, response, writer, segment.view[:length], clock)
         except TimeoutError:
-            return _abort(request, response, send_timeout)
+            return _abort(request, response, _too_slow(clock), query_id=job.id)
     finally:
         job.sent(segment)
     if tail:
@@ -181,23 +259,46 @@ async def _send_whole(request, job: Job, fmt: str, segment: Segment, length: int
 
 
 async def _send_view(request: web.Request, response: web.StreamResponse, writer,
-                     view: memoryview, send_timeout: float) -> None:
+                     view: memoryview, clock: SendClock) -> None:
     """Write view and wait until the kernel has all of it (see the module docstring)."""
     with _unbuffered(request):
         for offset in range(0, len(view), SLICE):
-            async with asyncio.timeout(send_timeout):
-                await response.write(view[offset:offset + SLICE])
-        async with asyncio.timeout(send_timeout):
+            piece = view[offset:offset + SLICE]
+            async with asyncio.timeout(clock.limit(len(piece))):
+                await response.write(piece)
+            clock.add(len(piece))
+        async with asyncio.timeout(clock.limit(0)):
             await writer.drain()  # with the limit at zero: until the kernel has every byte
 
 
-def _abort(request: web.Request, response: web.StreamResponse, send_timeout: float):
-    """A client that took no bytes for send_timeout_s, after the headers (Content-Length)
-    were sent: drop the connection; an error response now would land inside the body."""
-    log.warning("stream_aborted", error=f"the client took no bytes for {send_timeout:g} s")
+def _abort(request: web.Request, response: web.StreamResponse, reason: str, **fields):
+    """A client too slow after the headers (Content-Length) were sent: drop the connection;
+    an error response now would land inside the body."""
+    log.warning("send_aborted", error=reason, **fields)
     if request.transport is not None:
         request.transport.abort()
     return response
+
+
+async def _send_piece(request: web.Request, response: web.StreamResponse, writer, piece: Piece,
+                      clock: SendClock) -> None:
+    """A spilled piece, read back a slice at a time (in a spill thread) as the client takes it:
+    a slow client holds one slice of memory and no thread."""
+    try:
+        await asyncio.shield(piece.copied)  # cancelling must not free its segment mid-copy
+        with _unbuffered(request):
+            for offset in range(0, piece.length, SLICE):
+                data = await piece.read(offset, min(SLICE, piece.length - offset))
+                async with asyncio.timeout(clock.limit(len(data))):
+                    await response.write(data)
+                clock.add(len(data))
+            async with asyncio.timeout(clock.limit(0)):
+                await writer.drain()
+    except (TimeoutError, ConnectionError):
+        raise  # the client's doing: the caller aborts the stream
+    except OSError as exc:  # the disk's
+        raise QueryError(Kind.INTERNAL, f"the spilled result could not be written or read back: "
+                                        f"{exc}") from None
 
 
 @contextlib.contextmanager

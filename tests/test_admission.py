@@ -267,7 +267,8 @@ def test_send_timeout_drops_a_client_that_takes_nothing(make_server, how):
     sock = raw_socket_request(srv.port, http_post_closing({"sql": FORTY_MB, "format": "arrow"}))
     # The client reads nothing: after send_timeout_s without progress it is dropped, and
     # everything it held is freed (the worker too, if it was waiting for room).
-    wait_for(lambda: srv.event("stream_aborted") or srv.event("handler_failed"), 30,
+    wait_for(lambda: srv.event("stream_aborted") or srv.event("send_aborted")
+             or srv.event("handler_failed"), 30,
              what="the slow client to be dropped")
     assert not srv.events("handler_failed"), srv.event("handler_failed")["traceback"][-300:]
     wait_for(lambda: srv.stats()["shm_segments_in_use"] == 0 and srv.stats()["busy"] == 0, 20,
