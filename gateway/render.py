@@ -157,8 +157,9 @@ async def send_entry(request: web.Request, entry: Entry, fmt: str, cache_state: 
             async with asyncio.timeout(clock.limit(0)):
                 await writer.drain()  # the headers: sendfile writes behind the transport's back
             for segment, length in entry.segments:
-                async with asyncio.timeout(clock.limit(length)):
-                    await sendfile(transport, segment.fd, 0, length, send_timeout)
+                # The thread's own poll times out (no cancellation: that would close the
+                # connection under aiohttp, which then cancels the handler instead).
+                await sendfile(transport, segment.fd, 0, length, max(clock.limit(length), 0.001))
                 writer.output_size += length
                 clock.add(length)
     except TimeoutError:
