@@ -12,8 +12,13 @@ only those databases and whose sandbox admits only their directories (`Instances
 token may read is decided by DuckDB's catalog and file system checks, not by reading the SQL.
 
 A result is encoded straight into the segment the gateway lent with the query; the worker
-replies with its length and keeps nothing. Failures are replied as typed Failure messages;
-only a broken gateway connection or SIGTERM ends the loop (after the current query).
+replies with its length and keeps nothing. Failures are replied as typed Failure messages,
+with the server's paths taken out (engine/redact.py: paths under data_dir are shown relative
+to it). Only a broken gateway connection or SIGTERM ends the loop (after
+the current query), and an internal error: DuckDB's internal and fatal errors (and any other
+exception here) mean this instance can no longer be trusted, so after answering, the worker
+says Bye at once (it takes no more queries and readiness no longer counts it), tells the
+supervisor to start its replacement (`retire internal_error`), and leaves.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import duckdb
 import pyarrow as pa
 
 from engine import catalog, config as config_mod, log as log_mod, policy, protocol, sandbox
+from engine.redact import Redactor, first_line
 from engine.encode import FORMATS, write_result
 from engine.errors import Kind, QueryError
 from engine.process import BOOT_FAILED, die_with_parent, malloc_trim
@@ -165,8 +171,9 @@ class Worker:
     """The work loop. Main thread: queries, hygiene, heartbeats. Reader thread: the socket."""
 
     def __init__(self, worker_id: int, cfg: config_mod.Config, instances: Instances,
-                 sock: socket.socket, reopen, status_fd: int):
+                 sock: socket.socket, reopen, status_fd: int, redact=lambda text: text):
         self.worker_id = worker_id
+        self.redact = redact  # takes the server's paths out of error messages
         self.cfg = cfg
         self.instances = instances
         self.sock = sock
@@ -188,6 +195,7 @@ class Worker:
         self.rss_at_connect = self.rss_at_trim = current_rss()
         self.leaving: str | None = None  # set by SIGTERM: say Bye, finish, exit
         self.retiring: str | None = None  # a limit was reached and the supervisor was told
+        self.broken = False  # DuckDB reported an internal error: answer, then leave at once
 
     # --- talking to the supervisor: one line per event on a pipe ---
 
@@ -264,6 +272,8 @@ class Worker:
     def idle_tick(self) -> None:
         """A heartbeat, memory figures for the gateway, and the age limit."""
         self.status("idle")
+        if self.broken:
+            return  # its DuckDB is not to be asked anything more
         self.report_memory()
         self.check_limits(current_rss())
 
@@ -274,6 +284,9 @@ class Worker:
 
     def after_query(self, rows: int) -> None:
         self.queries += 1
+        if self.broken:
+            self.check_limits(0)
+            return
         workers = self.cfg.workers
         rss = current_rss()
         if workers.hygiene:
@@ -301,6 +314,16 @@ class Worker:
         self.report_memory()
 
     def check_limits(self, rss: int) -> None:
+        if self.broken and not self.leaving:
+            # Not a recycling limit: this instance must not serve another query, so it stops
+            # taking them now (Bye), without waiting for its replacement to be ready.
+            self.leaving = "internal_error"
+            if not self.retiring:  # else the supervisor is starting a replacement already
+                self.retiring = "internal_error"
+                log.error("worker_retiring", worker=self.worker_id, reason=self.retiring,
+                          queries=self.queries, rss=rss)
+                self.status(f"retire {self.retiring}")
+            return
         if self.retiring:
             return
         workers = self.cfg.workers
@@ -322,6 +345,12 @@ class Worker:
         return name
 
     def run(self, query: protocol.Query) -> protocol.Result | protocol.Failure:
+        reply = self._run(query)
+        if isinstance(reply, protocol.Failure):
+            reply = protocol.Failure(reply.id, reply.kind, self.redact(reply.message))
+        return reply
+
+    def _run(self, query: protocol.Query) -> protocol.Result | protocol.Failure:
         started = time.perf_counter()
         with self._lock:
             self._running = (query.id, None)
@@ -354,6 +383,10 @@ class Worker:
             return protocol.Failure(query.id, exc.kind, exc.message)
         except duckdb.InterruptException:
             return protocol.Failure(query.id, Kind.TIMEOUT, "query interrupted")
+        except (duckdb.InternalException, duckdb.FatalException) as exc:
+            self.broken = True
+            log.error("duckdb_internal_error", query_id=query.id, error=self.redact(str(exc)))
+            return protocol.Failure(query.id, Kind.INTERNAL, f"internal error: {first_line(str(exc))}")
         except duckdb.OutOfMemoryException as exc:
             return protocol.Failure(query.id, Kind.OUT_OF_MEMORY,
                                     f"{exc} (this worker's memory_limit is "
@@ -376,8 +409,10 @@ class Worker:
                 # DuckDB's interrupt can surface through pyarrow's batch reader as an OSError.
                 return protocol.Failure(query.id, Kind.TIMEOUT,
                                         "query interrupted: it ran past its deadline")
+            self.broken = True  # e.g. DuckDB's internal error surfacing through pyarrow
             log.error("query_failed", exc_info=True, query_id=query.id)
-            return protocol.Failure(query.id, Kind.INTERNAL, f"internal error: {type(exc).__name__}")
+            said = first_line(str(exc)) if str(exc).startswith("INTERNAL Error") else type(exc).__name__
+            return protocol.Failure(query.id, Kind.INTERNAL, f"internal error: {said}")
         finally:
             with self._lock:
                 self._running = None
@@ -427,7 +462,8 @@ def main(argv=None) -> int:
         log.error("worker_boot_failed", worker=args.id, error=str(exc))
         return BOOT_FAILED
     malloc_trim()
-    worker = Worker(args.id, cfg, instances, sock, reopen, args.status_fd)
+    worker = Worker(args.id, cfg, instances, sock, reopen, args.status_fd,
+                    Redactor(cfg.catalog.data_dir, str(runtime)))
     signal.signal(signal.SIGTERM, lambda *_: worker.leave())
     log.info("ready", process="worker", slot=args.id, **settings)
     while True:
