@@ -21,6 +21,7 @@ class Kind(StrEnum):
     OVERLOADED = "overloaded"        # no worker within the queue timeout, or the queue is full
     TIMEOUT = "timeout"              # the query ran past its deadline and was interrupted
     WORKER_LOST = "worker_lost"      # the worker died while running the query
+    QUARANTINED = "quarantined"      # this query crashed a worker; refused for a while
     INTERNAL = "internal"            # a bug: logged with its traceback, reported without it
 
 

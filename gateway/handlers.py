@@ -122,6 +122,8 @@ class Run:
     async def execute(self, keeper=None, cache_state: str | None = None) -> web.StreamResponse:
         fleet = self.request.app[FLEET]
         self.facts.cache = cache_state
+        if (refused := fleet.quarantine.check(self.query.sql, self.query.params)) is not None:
+            raise refused
         for attempt in (1, 2):
             job = await fleet.submit(self.query.sql, self.fmt, self.query.params, self.timeout,
                                      self.priority, self.databases)
@@ -134,8 +136,16 @@ class Run:
                 return response
             except QueryError as exc:
                 # Every query is a read: one that lost its worker before a byte was sent runs
-                # once more elsewhere (send_result aborts the stream itself after the first byte).
-                if exc.kind != Kind.WORKER_LOST or attempt == 2:
+                # once more elsewhere (send_result aborts the stream itself after the first byte),
+                # unless the worker died of a fault of its own: then the query killed it, and
+                # would kill the next one too.
+                if exc.kind != Kind.WORKER_LOST:
+                    raise
+                if (fault := await fleet.cause_of_death(job.link.pid)) is not None:
+                    log.warning("query_killed_worker", query_id=job.id, worker=job.link.worker_id,
+                                signal=fault, sql=self.query.sql[:2000])
+                    raise fleet.quarantine.add(self.query.sql, self.query.params, fault) from None
+                if attempt == 2:
                     raise
                 fleet.retried += 1
                 log.warning("query_retried", query_id=job.id, error=exc.message)

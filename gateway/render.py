@@ -40,6 +40,7 @@ STATUS = {
     Kind.BAD_REQUEST: 400,
     Kind.SQL_ERROR: 400,
     Kind.OUT_OF_MEMORY: 400,
+    Kind.QUARANTINED: 400,
     Kind.UNAUTHORIZED: 401,
     Kind.FORBIDDEN: 403,
     Kind.TOO_LARGE: 413,
