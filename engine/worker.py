@@ -263,6 +263,10 @@ class Worker:
             self.status(f"busy {query.timeout_s}")
             reply = self.run(query)
             try:
+                if self.broken and not said_bye:
+                    # Bye before the reply: the gateway must not give this worker another query.
+                    protocol.send(self.sock, protocol.Bye("internal_error"))
+                    said_bye = True
                 protocol.send(self.sock, reply)
             except OSError:
                 return

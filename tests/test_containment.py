@@ -39,6 +39,9 @@ def test_internal_error_retires_the_worker_after_it_answers(make_server, tmp_pat
     resp = srv.query("SELECT 42 AS answer")
     assert resp.status == 500 and resp.json()["error_type"] == "internal", resp
     assert "INTERNAL Error" in resp.json()["error"] and "Stack Trace" not in resp.json()["error"]
+    # It said Bye before it answered, and its replacement is spawned only after that answer.
+    assert srv.get("/health").json()["workers_ready"] == 0
+    assert srv.get("/health/ready").status == 503
     # The broken worker takes no other query: the next one waits for its replacement.
     assert srv.query("SELECT 42 AS answer").json()["data"] == [[42]]
     assert broken not in srv.worker_pids()
@@ -85,6 +88,9 @@ def test_queries_of_death_do_not_push_crash_backoff(make_server):
     assert len(srv.events("crashed")) == 6
     assert not srv.events("crash_backoff")
     assert srv.stats()["retried"] == 0 and srv.stats()["killed_by_query"] == 6
+    assert srv.stop() == 0  # and a restart afterwards serves as usual
+    again = make_server(workers=2).start()
+    assert again.query("SELECT count(*) FROM cpu").status == 200
 
 
 def test_worker_killed_from_outside_has_its_query_retried(make_server):
