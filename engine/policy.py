@@ -4,7 +4,8 @@ own parser, never by a regex over the text.
 Runs in the worker, on the worker's connection, before execution. One statement per request;
 its parsed type must be SELECT (DuckDB also parses DESCRIBE, SHOW, SUMMARIZE, VALUES, FROM-first
 queries and read-only PRAGMAs such as `PRAGMA version` as SELECT) or EXPLAIN of such a
-statement. Everything else is refused with the statement type named.
+statement (not EXPLAIN ANALYZE, whose profile shows the files views read as absolute paths).
+Everything else is refused with the statement type named.
 
 A SELECT can still call things that are not reads: `enable_profiling()` changes the shared
 connection for every later query, `pandas_scan()` reads (and can crash on) the worker's own
@@ -42,7 +43,11 @@ def check(con: duckdb.DuckDBPyConnection, sql: str) -> None:
                          f"one statement per request, got {len(statements)}")
     statement = statements[0]
     if statement.type == duckdb.StatementType.EXPLAIN:
-        # EXPLAIN ANALYZE executes its statement, so the inner statement must pass too.
+        words = statement.query.upper().split(None, 2)[:2]
+        if "ANALYZE" in words or "ANALYSE" in words:
+            # Its profile names every file a view read, as the server's absolute paths.
+            raise QueryError(Kind.FORBIDDEN, "EXPLAIN ANALYZE is not allowed: its profile shows "
+                                             "the server's file paths (EXPLAIN is allowed)")
         check(con, _strip_explain(statement.query))
         return
     if statement.type not in ALLOWED:

@@ -8,22 +8,20 @@ retire, kill, stop.
 
 Each worker writes one line per event on its own pipe: `ready`, `busy <timeout>` / `idle`
 (heartbeats from its work loop), `retire <reason>` (a recycling limit was reached, or
-`internal_error`: that worker has stopped taking queries already). A retiring worker keeps
-serving until its replacement is ready; only then is it told to leave (SIGTERM), so capacity
-never dips. A worker silent past its deadline is killed and replaced.
-
-The gateway learns how each worker ended from a pipe the supervisor writes, one line a worker:
-`exited <pid> <exit code, negative for a signal>`; it tells a query that crashed its worker
-from a worker killed from outside by that (gateway/handlers.py).
+`internal_error`: it has stopped taking queries already). A retiring worker keeps serving until
+its replacement is ready; only then is it told to leave (SIGTERM), so capacity never dips. A
+worker silent past its deadline is killed and replaced. The gateway reads `exited <pid> <code>`
+for each worker on a pipe of its own, to tell a query that crashed its worker from a worker
+killed from outside (gateway/handlers.py).
 
 Signals (handlers only queue them; the loop does the work), as Gunicorn's:
 SIGTERM graceful stop (the gateway drains within shutdown_grace_s); SIGINT, SIGQUIT quick stop;
 SIGHUP reload engine.toml and replace the workers one by one; SIGTTIN / SIGTTOU one worker
 more / fewer; SIGUSR1 reopen log files; SIGCHLD reap. Children die with the supervisor
 (PR_SET_PDEATHSIG), and the next start sweeps their sockets and segments. Crashing workers are
-respawned with exponential backoff, counted per slot and only for deaths outside a query: a
-worker that died running a query is replaced at once, so a client sending queries that kill
-workers cannot hold the fleet below capacity. A worker that cannot boot stops the server.
+respawned with exponential backoff, only for deaths outside a query: one that died running a
+query is replaced at once, so queries that kill workers cannot hold the fleet below capacity.
+A worker that cannot boot stops the server.
 """
 
 from __future__ import annotations
@@ -231,7 +229,8 @@ class Supervisor:
         for line in lines:
             word, _, arg = line.decode().partition(" ")
             now = time.monotonic()
-            child.busy = word == "busy"
+            if word in ("busy", "idle", "ready"):
+                child.busy = word == "busy"
             if word == "idle":
                 child.deadline = now + self.cfg.workers.heartbeat_timeout_s
             elif word == "busy":
