@@ -14,11 +14,11 @@ token may read is decided by DuckDB's catalog and file system checks, not by rea
 A result is encoded straight into the segment the gateway lent with the query; the worker
 replies with its length and keeps nothing. Failures are replied as typed Failure messages,
 with the server's paths taken out (engine/redact.py: paths under data_dir are shown relative
-to it). Only a broken gateway connection or SIGTERM ends the loop (after
-the current query), and an internal error: DuckDB's internal and fatal errors (and any other
-exception here) mean this instance can no longer be trusted, so after answering, the worker
-says Bye at once (it takes no more queries and readiness no longer counts it), tells the
-supervisor to start its replacement (`retire internal_error`), and leaves.
+to it). Only a broken gateway connection or SIGTERM ends the loop (after the current query),
+and an internal error: DuckDB's internal and fatal errors (and any other exception here) mean
+this instance can no longer be trusted, so the worker says Bye before it answers (the gateway
+sends it nothing more and readiness no longer counts it), tells the supervisor to start its
+replacement (`retire internal_error`), and leaves.
 """
 
 from __future__ import annotations
@@ -39,10 +39,10 @@ import duckdb
 import pyarrow as pa
 
 from engine import catalog, config as config_mod, log as log_mod, policy, protocol, sandbox
-from engine.redact import Redactor, first_line
 from engine.encode import FORMATS, write_result
 from engine.errors import Kind, QueryError
 from engine.process import BOOT_FAILED, die_with_parent, malloc_trim
+from engine.redact import Redactor, first_line
 from engine.shm import ChunkWriter
 
 log = log_mod.get()

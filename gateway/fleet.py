@@ -29,9 +29,8 @@ import asyncio
 import collections
 import heapq
 import itertools
-import time
-
 import signal
+import time
 
 import psutil
 
@@ -98,6 +97,7 @@ class Job:
         self.finished = False                # the worker has sent its final reply, or died
         self.closed = False                  # the caller is done with this job
         self.timed_out = False
+        self.lost = False                    # the worker died before its final reply
         self.result: protocol.Result | None = None  # the final reply, once it came
         self.send_ms = 0.0  # time the caller spent sending, for the access log
         self._granting = False
@@ -173,6 +173,7 @@ class Job:
             self.items.put_nowait(QueryError(Kind(message.kind), message.message))
 
     def on_lost(self) -> None:
+        self.lost = True
         self._finish()
         self._reclaim()
         self.items.put_nowait(QueryError(
@@ -358,8 +359,7 @@ class Fleet:
                 log.warning("worker_exit_unknown", worker_pid=pid)
                 return None
             finally:
-                if self._exit_waiters.get(pid) is waiter and waiter.done():
-                    del self._exit_waiters[pid]
+                self._exit_waiters.pop(pid, None)
         if code < 0 and -code in FAULT_SIGNALS:
             return signal.Signals(-code).name
         return None

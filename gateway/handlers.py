@@ -130,6 +130,8 @@ class Run:
             try:
                 response = await render.send_result(self.request, job, self.fmt,
                                                     self.send_timeout, keeper, cache_state)
+                if job.lost:  # after the first byte: send_result cut the stream; no retry
+                    await self._contain(fleet, job)
                 if job.result is not None:  # timings of answered queries only
                     self.facts.rows, self.facts.execution_ms = job.result.rows, job.result.execution_ms
                     self.facts.wait_ms, self.facts.send_ms = job.wait_ms, job.send_ms
@@ -141,16 +143,29 @@ class Run:
                 # would kill the next one too.
                 if exc.kind != Kind.WORKER_LOST:
                     raise
-                if (fault := await fleet.cause_of_death(job.link.pid)) is not None:
-                    log.warning("query_killed_worker", query_id=job.id, worker=job.link.worker_id,
-                                signal=fault, sql=self.query.sql[:2000])
-                    raise fleet.quarantine.add(self.query.sql, self.query.params, fault) from None
+                if (refusal := await self._contain(fleet, job)) is not None:
+                    raise refusal from None
                 if attempt == 2:
                     raise
                 fleet.retried += 1
                 log.warning("query_retried", query_id=job.id, error=exc.message)
             finally:
                 job.close()
+
+    async def _contain(self, fleet: Fleet, job) -> QueryError | None:
+        """If the job's worker died of a fault of its own, quarantine the query; the error.
+        Shielded: the client may be gone (a cut stream), and the query must be kept out anyway."""
+        async def contain() -> QueryError | None:
+            fault = await fleet.cause_of_death(job.link.pid)
+            if fault is None:
+                return None
+            log.warning("query_killed_worker", query_id=job.id, worker=job.link.worker_id,
+                        signal=fault, sql=self.query.sql[:2000])
+            return fleet.quarantine.add(self.query.sql, self.query.params, fault)
+        task = asyncio.ensure_future(contain())
+        fleet.tasks.add(task)
+        task.add_done_callback(fleet.tasks.discard)
+        return await asyncio.shield(task)
 
     async def cached(self, cache: QueryCache, key: CacheKey) -> web.StreamResponse:
         """A hit; or wait for the same query already running; or run it, keeping the result."""

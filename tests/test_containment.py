@@ -4,6 +4,8 @@ not push the slot into crash backoff; a worker killed from outside has its query
 messages do not show the server's paths. Real fleets, real signals.
 """
 
+import http.client
+import json
 import os
 import signal
 import threading
@@ -128,3 +130,34 @@ def test_redactor_takes_out_runtime_home_and_data_paths():
     assert redact("/srv/data2/secret /srv/data") == "/srv/data2/secret ."
     assert redact("temp /run/duckfleet-123-abc/tmp-worker-0-9/all") == "temp <runtime>/tmp-worker-0-9/all"
     assert redact("/home/ops/.duckdb/extensions and /home/opsx") == "~/.duckdb/extensions and /home/opsx"
+
+
+def test_query_that_kills_its_worker_mid_stream_is_quarantined(make_server):
+    """After the first byte there is no retry anyway: the stream is cut, and the query is kept out."""
+    srv = make_server(workers=2).start()
+    sql = "SELECT * FROM range(400000000) t(i)"  # streams segment after segment
+    started, outcome = threading.Event(), {}
+
+    def client():
+        conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=60)
+        conn.request("POST", "/api/v1/query/arrow", json.dumps({"sql": sql}).encode())
+        resp = conn.getresponse()  # the headers leave with the first segment
+        outcome["status"] = resp.status
+        started.set()
+        try:
+            resp.read()
+            outcome["whole"] = True
+        except (http.client.IncompleteRead, ConnectionError):
+            outcome["whole"] = False
+        conn.close()
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    assert started.wait(60)
+    os.kill(busy_worker(srv), signal.SIGSEGV)
+    thread.join(60)
+    assert outcome == {"status": 200, "whole": False}
+    wait_for(lambda: srv.stats()["killed_by_query"] == 1, 10, what="the query to be quarantined")
+    again = srv.query(sql, path="/api/v1/query/arrow")
+    assert again.status == 400 and again.json()["error_type"] == "quarantined", again
+    assert srv.stats()["retried"] == 0
