@@ -161,3 +161,48 @@ def test_query_that_kills_its_worker_mid_stream_is_quarantined(make_server):
     again = srv.query(sql, path="/api/v1/query/arrow")
     assert again.status == 400 and again.json()["error_type"] == "quarantined", again
     assert srv.stats()["retried"] == 0
+
+
+def test_other_clients_get_right_answers_while_queries_kill_workers(make_server):
+    """A steady client next to a hostile one: every answer right, none refused."""
+    srv = make_server(workers=2, config="[queue]\nqueue_timeout_s = 60\n").start()
+    normal = "SELECT count(*), sum(usage_user)::BIGINT FROM cpu"
+    want = srv.query(normal).json()["data"]
+    stop, answers = threading.Event(), []
+
+    def steady():
+        while not stop.is_set():
+            resp = srv.query(normal)
+            answers.append((resp.status, resp.json().get("data")))
+
+    client = threading.Thread(target=steady)
+    client.start()
+    try:
+        for i in range(4):
+            thread, out = in_background(srv, f"{LONG} WHERE b.range <> {i}")
+            os.kill(poison_worker(srv), signal.SIGSEGV)
+            thread.join(60)
+            assert out["resp"].json()["error_type"] == "quarantined", out["resp"]
+            srv.wait_ready(2)
+    finally:
+        stop.set()
+        client.join(60)
+    assert answers and all(answer == (200, want) for answer in answers), \
+        [a for a in answers if a != (200, want)][:5]
+    assert not srv.events("crash_backoff") and srv.stats()["killed_by_query"] == 4
+
+
+def poison_worker(srv) -> int:
+    """The worker that stays busy while the other one serves the steady client's queries."""
+    def served(workers, pids):
+        return sum(w["served"] for w in workers if w["pid"] in pids)
+
+    def stuck():
+        before = {w["pid"]: w for w in srv.stats()["workers"]}
+        wait_for(lambda: served(srv.stats()["workers"], before) >= served(before.values(), before) + 2,
+                 30, what="the steady client to be served twice")
+        after = {w["pid"]: w for w in srv.stats()["workers"]}
+        return next((pid for pid, w in after.items() if w["state"] == "busy" and pid in before
+                     and before[pid]["state"] == "busy" and w["served"] == before[pid]["served"]),
+                    None)
+    return wait_for(stuck, 60, what="the worker running the poison query")
