@@ -7,6 +7,7 @@ status code.
 
 from __future__ import annotations
 
+import re
 from enum import StrEnum
 
 
@@ -30,3 +31,22 @@ class QueryError(Exception):
         super().__init__(message)
         self.kind = kind
         self.message = message
+
+
+_DUCKDB_ERROR = re.compile(r"[A-Z][A-Za-z]*( [A-Za-z]+)* Error: ")  # "Conversion Error: ..."
+
+
+def duckdb_kind(text: str) -> Kind | None:
+    """The kind of a DuckDB error known only by its text (pyarrow raises DuckDB's errors found
+    while it reads a result as OSError); None if the text is not DuckDB's."""
+    if not _DUCKDB_ERROR.match(text):
+        return None
+    if text.startswith(("INTERNAL Error", "FATAL Error")):
+        return Kind.INTERNAL
+    if text.startswith("Out of Memory Error"):
+        return Kind.OUT_OF_MEMORY
+    if text.startswith("Permission Error"):
+        return Kind.FORBIDDEN
+    if text.startswith("INTERRUPT Error"):
+        return Kind.TIMEOUT
+    return Kind.SQL_ERROR

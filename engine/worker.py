@@ -40,7 +40,7 @@ import pyarrow as pa
 
 from engine import catalog, config as config_mod, log as log_mod, policy, protocol, sandbox
 from engine.encode import FORMATS, write_result
-from engine.errors import Kind, QueryError
+from engine.errors import Kind, QueryError, duckdb_kind
 from engine.process import BOOT_FAILED, die_with_parent, malloc_trim
 from engine.redact import Redactor, first_line
 from engine.shm import ChunkWriter
@@ -388,9 +388,7 @@ class Worker:
         except duckdb.InterruptException:
             return protocol.Failure(query.id, Kind.TIMEOUT, "query interrupted")
         except (duckdb.InternalException, duckdb.FatalException) as exc:
-            self.broken = True
-            log.error("duckdb_internal_error", query_id=query.id, error=self.redact(str(exc)))
-            return protocol.Failure(query.id, Kind.INTERNAL, f"internal error: {first_line(str(exc))}")
+            return self._internal(query, str(exc))
         except duckdb.OutOfMemoryException as exc:
             return protocol.Failure(query.id, Kind.OUT_OF_MEMORY,
                                     f"{exc} (this worker's memory_limit is "
@@ -413,13 +411,28 @@ class Worker:
                 # DuckDB's interrupt can surface through pyarrow's batch reader as an OSError.
                 return protocol.Failure(query.id, Kind.TIMEOUT,
                                         "query interrupted: it ran past its deadline")
-            self.broken = True  # e.g. DuckDB's internal error surfacing through pyarrow
-            log.error("query_failed", exc_info=True, query_id=query.id)
-            said = first_line(str(exc)) if str(exc).startswith("INTERNAL Error") else type(exc).__name__
-            return protocol.Failure(query.id, Kind.INTERNAL, f"internal error: {said}")
+            # DuckDB's errors found mid-result surface through pyarrow's reader as OSError,
+            # known by their text only.
+            kind = duckdb_kind(str(exc)) if isinstance(exc, OSError) else None
+            if kind == Kind.INTERNAL:
+                return self._internal(query, str(exc))
+            if kind == Kind.OUT_OF_MEMORY and con is not None:
+                limit = read_settings(con, ["memory_limit"])["memory_limit"]
+                return protocol.Failure(query.id, kind,
+                                        f"{exc} (this worker's memory_limit is {limit})")
+            if kind is not None:
+                return protocol.Failure(query.id, kind, str(exc))
+            log.error("query_failed", exc_info=True, query_id=query.id)  # a bug of ours
+            return protocol.Failure(query.id, Kind.INTERNAL, f"internal error: {type(exc).__name__}")
         finally:
             with self._lock:
                 self._running = None
+
+
+    def _internal(self, query: protocol.Query, text: str) -> protocol.Failure:
+        self.broken = True
+        log.error("duckdb_internal_error", query_id=query.id, error=self.redact(text))
+        return protocol.Failure(query.id, Kind.INTERNAL, f"internal error: {first_line(text)}")
 
 
 def connect_gateway(path: str, timeout: float, give_up=lambda: False) -> socket.socket:

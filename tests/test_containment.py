@@ -206,3 +206,17 @@ def poison_worker(srv) -> int:
                      and before[pid]["state"] == "busy" and w["served"] == before[pid]["served"]),
                     None)
     return wait_for(stuck, 60, what="the worker running the poison query")
+
+
+def test_sql_error_found_mid_result_is_a_400_and_the_worker_serves_on(make_server):
+    """DuckDB's error found while a result is read surfaces through pyarrow as an OSError: it is
+    still the query's SQL error, not an internal one, so the worker is not replaced."""
+    srv = make_server(workers=1).start()
+    [worker] = srv.worker_pids()
+    sql = "SELECT CASE WHEN i = 250000 THEN 'x'::INT ELSE i END AS v FROM range(300000) t(i)"
+    for fmt in ("json", "arrow", "csv", "ndjson", "parquet"):
+        resp = srv.query(sql, format=fmt)
+        assert resp.status == 400 and resp.json()["error_type"] == "sql_error", (fmt, resp)
+        assert "Conversion Error" in resp.json()["error"]
+    assert srv.worker_pids() == [worker] and not srv.events("worker_retiring")
+    assert srv.query("SELECT 1 AS ok").json()["data"] == [[1]]
