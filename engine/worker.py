@@ -15,7 +15,7 @@ A result is encoded straight into the segment the gateway lent with the query; t
 replies with its length and keeps nothing. Failures are replied as typed Failure messages,
 with the server's paths taken out (engine/redact.py: paths under data_dir are shown relative
 to it). Only a broken gateway connection or SIGTERM ends the loop (after the current query),
-and an internal error: DuckDB's internal and fatal errors (and any other exception here) mean
+and an internal error: DuckDB's internal and fatal errors (also as pyarrow's OSError) mean
 this instance can no longer be trusted, so the worker says Bye before it answers (the gateway
 sends it nothing more and readiness no longer counts it), tells the supervisor to start its
 replacement (`retire internal_error`), and leaves.
