@@ -90,6 +90,6 @@ REFUSED_VIEWS = {
 }
 UNQUALIFIED_SCHEMAS = ("main", "pg_catalog")  # where DuckDB finds a system view without a schema
 
-# A table name with one of these endings (after .gz or .zst) is a file that DuckDB reads by a
-# replacement scan; only Parquet is read here, as with read_parquet.
+# A quoted table name with a dot or a slash is a file, which DuckDB reads by a replacement scan
+# (read_csv, read_json, read_duckdb...): it is read only if it ends so (before any .gz or .zst).
 PARQUET_SUFFIX = ".parquet"

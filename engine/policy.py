@@ -14,13 +14,14 @@ memory, `duckdb_settings()` shows paths. So the statement is serialized to its s
 in it is checked against engine/allowlist.py: table functions must be allowed, refused scalar
 functions and system views are named in the 403, and a file read by a replacement scan
 (`FROM 'x.csv'`) must be Parquet. Views of the catalog are the operator's and are not looked
-into. A tree too deep to walk is refused as a SQL error, like DuckDB's own depth limit.
+into. A tree too deep to decode is refused as a SQL error, like DuckDB's own depth limit.
 """
 
 from __future__ import annotations
 
+import json
+
 import duckdb
-import msgspec
 
 from engine import allowlist
 from engine.errors import Kind, QueryError
@@ -59,8 +60,8 @@ def check(con: duckdb.DuckDBPyConnection, sql: str) -> None:
 def syntax_tree(con: duckdb.DuckDBPyConnection, sql: str) -> dict:
     text = con.execute("SELECT json_serialize_sql($1)", [sql]).fetchone()[0]
     try:
-        tree = msgspec.json.decode(text)
-    except msgspec.DecodeError:  # nested past msgspec's depth limit
+        tree = json.loads(text)  # not msgspec: the tree holds Infinity and NaN (SELECT 1e400)
+    except RecursionError:  # deeper than the worker's recursion limit (engine/worker.py)
         raise QueryError(Kind.SQL_ERROR, "the statement is nested too deeply") from None
     if tree.get("error"):
         raise QueryError(Kind.SQL_ERROR, tree.get("error_message") or "the statement does not parse")

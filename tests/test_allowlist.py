@@ -156,7 +156,9 @@ def test_what_users_need_still_works(srv, site):
                 "SELECT * FROM information_schema.tables", "SELECT * FROM information_schema.columns",
                 "SELECT * FROM duckdb_columns WHERE table_name = 'cpu'", "SELECT count(*) FROM both_dbs",
                 "SELECT * FROM warehouse.sites", f"FROM '{site['data']}/default/cpu/**/*.parquet'",
-                "SELECT random(), uuid(), now()", "EXPLAIN SELECT * FROM cpu"):
+                "SELECT random(), uuid(), now()", "EXPLAIN SELECT * FROM cpu",
+                "SELECT 1e400, -1e400",  # the syntax tree holds Infinity
+                "SELECT " + "abs(" * 250 + "1" + ")" * 250):  # 250 deep, as in issue 17
         assert srv.query(sql).status == 200, sql
     assert srv.query(f"SELECT count(*) FROM '{site['data']}/default/cpu/**/*.parquet'").json()["data"] == [[10]]
 

@@ -10,6 +10,8 @@ import os
 import signal
 import threading
 
+import psutil
+
 from engine.redact import Redactor
 from tests.harness import wait_for, write_small_dataset
 
@@ -29,8 +31,18 @@ def in_background(srv, sql, **fields):
 
 
 def busy_worker(srv) -> int:
-    return wait_for(lambda: next((w["pid"] for w in srv.stats()["workers"] if w["state"] == "busy"),
-                                 None), 30, what="a busy worker")
+    pid = wait_for(lambda: next((w["pid"] for w in srv.stats()["workers"] if w["state"] == "busy"),
+                                None), 30, what="a busy worker")
+    return executing(pid)
+
+
+def executing(pid: int) -> int:
+    """Wait until the worker is inside its query (it told the supervisor it is busy before it
+    started), seen as CPU time spent since now: the gateway marks it busy on dispatch already."""
+    process = psutil.Process(pid)
+    spent = sum(process.cpu_times()[:2])
+    wait_for(lambda: sum(process.cpu_times()[:2]) > spent + 0.2, 30, what="the query to run")
+    return pid
 
 
 def test_internal_error_retires_the_worker_after_it_answers(make_server, tmp_path):
@@ -205,7 +217,7 @@ def poison_worker(srv) -> int:
         return next((pid for pid, w in after.items() if w["state"] == "busy" and pid in before
                      and before[pid]["state"] == "busy" and w["served"] == before[pid]["served"]),
                     None)
-    return wait_for(stuck, 60, what="the worker running the poison query")
+    return executing(wait_for(stuck, 60, what="the worker running the poison query"))
 
 
 def test_sql_error_found_mid_result_is_a_400_and_the_worker_serves_on(make_server):
