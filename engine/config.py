@@ -95,6 +95,7 @@ class QueueConfig(_Section):
     priority_aging_s: Annotated[float, Meta(ge=0)] = 2.0  # head start of each priority level
     default_priority: Priority = "normal"
     arrow_priority: Priority = "normal"  # default on /api/v1/query/arrow (bulk exports)
+    quarantine_s: NonNegFloat = 300.0  # a query that crashed a worker is refused this long
 
 
 class ResultsConfig(_Section):

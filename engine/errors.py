@@ -7,6 +7,7 @@ status code.
 
 from __future__ import annotations
 
+import re
 from enum import StrEnum
 
 
@@ -23,6 +24,7 @@ class Kind(StrEnum):
     TIMEOUT = "timeout"              # the query ran past its deadline and was interrupted
     WORKER_LOST = "worker_lost"      # the worker died while running the query
     FILE_MISSING = "file_missing"    # a file the query read is not there (or vanished meanwhile)
+    QUARANTINED = "quarantined"      # this query crashed a worker; refused for a while
     INTERNAL = "internal"            # a bug: logged with its traceback, reported without it
 
 
@@ -31,3 +33,24 @@ class QueryError(Exception):
         super().__init__(message)
         self.kind = kind
         self.message = message
+
+
+_DUCKDB_ERROR = re.compile(r"[A-Z][A-Za-z]*( [A-Za-z]+)* Error: ")  # "Conversion Error: ..."
+
+
+def duckdb_kind(text: str) -> Kind | None:
+    """The kind of a DuckDB error known only by its text (pyarrow raises DuckDB's errors found
+    while it reads a result as OSError); None if the text is not DuckDB's."""
+    if not _DUCKDB_ERROR.match(text):
+        return None
+    if text.startswith(("INTERNAL Error", "FATAL Error")):
+        return Kind.INTERNAL
+    if text.startswith("Out of Memory Error"):
+        return Kind.OUT_OF_MEMORY
+    if text.startswith("Permission Error"):
+        return Kind.FORBIDDEN
+    if text.startswith("INTERRUPT Error"):
+        return Kind.TIMEOUT
+    if text.startswith("IO Error") and ("No such file" in text or "No files found" in text):
+        return Kind.FILE_MISSING
+    return Kind.SQL_ERROR

@@ -1,23 +1,38 @@
-"""Statement policy: only reads run. Decided by DuckDB's own parser, never by a regex.
+"""Statement policy: only reads run, and they call only what is allowed. Decided by DuckDB's
+own parser, never by a regex over the text.
 
 Runs in the worker, on the worker's connection, before execution. One statement per request;
 its parsed type must be SELECT (DuckDB also parses DESCRIBE, SHOW, SUMMARIZE, VALUES, FROM-first
 queries and read-only PRAGMAs such as `PRAGMA version` as SELECT) or EXPLAIN of such a
-statement. Everything else is refused with the statement type named.
+statement (not EXPLAIN ANALYZE, whose profile shows the files views read as absolute paths).
+Everything else is refused with the statement type named.
+
+A SELECT can still call things that are not reads: `enable_profiling()` changes the shared
+connection for every later query, `pandas_scan()` reads (and can crash on) the worker's own
+memory, `duckdb_settings()` shows paths. So the statement is serialized to its syntax tree
+(`json_serialize_sql`, of the text DuckDB will run: a PRAGMA's rewritten SELECT) and every call
+in it is checked against engine/allowlist.py: table functions must be allowed, refused scalar
+functions and system views are named in the 403, and a file read by a replacement scan
+(`FROM 'x.csv'`) must be Parquet. Views of the catalog are the operator's and are not looked
+into. A tree too deep to decode is refused as a SQL error, like DuckDB's own depth limit.
 """
 
 from __future__ import annotations
 
+import json
+
 import duckdb
 
+from engine import allowlist
 from engine.errors import Kind, QueryError
 
 ALLOWED = {duckdb.StatementType.SELECT}
 _EXPLAIN_WORDS = {"EXPLAIN", "ANALYZE", "ANALYSE"}
+_COMPRESSION = (".gz", ".zst")
 
 
 def check(con: duckdb.DuckDBPyConnection, sql: str) -> None:
-    """Raise QueryError unless sql is exactly one read statement."""
+    """Raise QueryError unless sql is exactly one read statement calling only what is allowed."""
     try:
         statements = con.extract_statements(sql)
     except duckdb.Error as exc:
@@ -29,12 +44,93 @@ def check(con: duckdb.DuckDBPyConnection, sql: str) -> None:
                          f"one statement per request, got {len(statements)}")
     statement = statements[0]
     if statement.type == duckdb.StatementType.EXPLAIN:
-        # EXPLAIN ANALYZE executes its statement, so the inner statement must pass too.
+        words = statement.query.upper().split(None, 2)[:2]
+        if "ANALYZE" in words or "ANALYSE" in words:
+            # Its profile names every file a view read, as the server's absolute paths.
+            raise QueryError(Kind.FORBIDDEN, "EXPLAIN ANALYZE is not allowed: its profile shows "
+                                             "the server's file paths (EXPLAIN is allowed)")
         check(con, _strip_explain(statement.query))
         return
     if statement.type not in ALLOWED:
         raise QueryError(Kind.FORBIDDEN,
                          f"{statement.type.name} statements are not allowed: only reads run here")
+    check_calls(syntax_tree(con, statement.query))
+
+
+def syntax_tree(con: duckdb.DuckDBPyConnection, sql: str) -> dict:
+    text = con.execute("SELECT json_serialize_sql($1)", [sql]).fetchone()[0]
+    try:
+        tree = json.loads(text)  # not msgspec: the tree holds Infinity and NaN (SELECT 1e400)
+    except RecursionError:  # deeper than the worker's recursion limit (engine/worker.py)
+        raise QueryError(Kind.SQL_ERROR, "the statement is nested too deeply") from None
+    if tree.get("error"):
+        raise QueryError(Kind.SQL_ERROR, tree.get("error_message") or "the statement does not parse")
+    return tree
+
+
+def check_calls(tree: dict) -> None:
+    """Walk the syntax tree (iteratively: it can be deep) and refuse the first call not allowed."""
+    stack: list = [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+            continue
+        if not isinstance(node, dict):
+            continue
+        kind = node.get("type")
+        if kind == "TABLE_FUNCTION" and isinstance(node.get("function"), dict):
+            function = node["function"]
+            _check_table_function(str(function.get("function_name", "")))
+            stack.append(function.get("children"))
+            stack.extend(v for k, v in node.items() if k != "function")
+            continue
+        if kind == "BASE_TABLE":
+            _check_table(str(node.get("catalog_name", "")), str(node.get("schema_name", "")),
+                         str(node.get("table_name", "")))
+        elif node.get("class") in ("FUNCTION", "WINDOW", "AGGREGATE") and "function_name" in node:
+            _check_function(str(node["function_name"]))
+        stack.extend(v for v in node.values() if isinstance(v, (dict, list)))
+
+
+def _forbidden(what: str, reason: str) -> QueryError:
+    return QueryError(Kind.FORBIDDEN, f"{what} is not allowed: {reason}")
+
+
+def _check_table_function(name: str) -> None:
+    name = name.lower()
+    if name in allowlist.TABLE_FUNCTIONS and not name.startswith(allowlist.REFUSED_PREFIXES):
+        return
+    reason = allowlist.REFUSED_TABLE_FUNCTIONS.get(name) or (
+        "only these table functions may be called: " + ", ".join(sorted(allowlist.TABLE_FUNCTIONS)))
+    raise _forbidden(f"table function {name}()", reason)
+
+
+def _check_function(name: str) -> None:
+    name = name.lower()
+    reason = allowlist.REFUSED_FUNCTIONS.get(name)
+    if reason is None and name.startswith(allowlist.REFUSED_PREFIXES):
+        reason = "it changes session state or reads Python objects of the server"
+    if reason is not None:
+        raise _forbidden(f"function {name}()", reason)
+
+
+def _check_table(catalog: str, schema: str, name: str) -> None:
+    schema, lowered = schema.lower(), name.lower()
+    if schema in ("system", "temp") and not catalog:  # system.x names a catalog, not a schema
+        schema = ""
+    for qualified in ([f"{s}.{lowered}" for s in allowlist.UNQUALIFIED_SCHEMAS] if not schema
+                      else [f"{schema}.{lowered}"]):
+        if qualified in allowlist.REFUSED_VIEWS:
+            raise _forbidden(f"system view {qualified}", allowlist.REFUSED_VIEWS[qualified])
+    if schema or ("." not in name and "/" not in name):
+        return  # a table or view: catalog names never hold a dot or a slash
+    # A quoted path: DuckDB reads it by a replacement scan (read_csv, read_json, read_duckdb...).
+    stem = lowered
+    while stem.endswith(_COMPRESSION):
+        stem = stem.rsplit(".", 1)[0]
+    if not stem.endswith(allowlist.PARQUET_SUFFIX):
+        raise _forbidden(f"reading {name!r}", "only Parquet files are read here (read_parquet)")
 
 
 def _strip_explain(query: str) -> str:

@@ -17,6 +17,11 @@ import sys
 PR_SET_PDEATHSIG = 1
 BOOT_FAILED = 3  # a worker's exit code when it cannot start: respawning it would only spin
 OVER_MEMORY = 4  # a worker's exit code when a query took it past its memory cap (engine/memwatch.py)
+
+# Signals a process gets from its own faults (a crash in DuckDB's code): a worker that died of
+# one while running a query was killed by that query. SIGKILL and SIGTERM come from outside.
+FAULT_SIGNALS = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE,
+                           signal.SIGABRT, signal.SIGSYS, signal.SIGTRAP})
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 
 

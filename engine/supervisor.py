@@ -8,17 +8,22 @@ retire, kill, stop.
 
 Each worker writes one line per event on its own pipe: `ready`, `busy <timeout>` / `idle`
 (heartbeats from its work loop), `cancel` (deadline passed or client gone), `retire <reason>`
-(a recycling limit was reached). A retiring worker keeps serving until its replacement is
-ready; only then is it told to leave (SIGTERM), so capacity never dips. A worker silent past its
-deadline (the query's, or cancel_grace_s + kill_grace_s after a cancel) is killed and replaced;
-one that exits OVER_MEMORY (past its RSS cap) is replaced at once, without crash backoff.
+(a recycling limit was reached, or `internal_error`: it has stopped taking queries already). A
+retiring worker keeps serving until its replacement is ready; only then is it told to leave
+(SIGTERM), so capacity never dips. A worker silent past its deadline (the query's, or
+cancel_grace_s + kill_grace_s after a cancel) is killed and replaced; one that exits
+OVER_MEMORY (past its RSS cap) is replaced at once, without crash backoff. The gateway reads
+`exited <pid> <code>` for each worker on a pipe of its own, to tell a query that crashed its
+worker from a worker killed from outside (gateway/handlers.py).
 
 Signals (handlers only queue them; the loop does the work), as Gunicorn's:
 SIGTERM graceful stop (the gateway drains within shutdown_grace_s); SIGINT, SIGQUIT quick stop;
 SIGHUP reload engine.toml, replace the workers one by one and have the gateway read [catalog]
 again; SIGTTIN / SIGTTOU one worker more / fewer; SIGUSR1 reopen log files; SIGCHLD reap. Children die with the supervisor
 (PR_SET_PDEATHSIG), and the next start sweeps their sockets and segments. Crashing workers are
-respawned with exponential backoff; a worker that cannot boot stops the server.
+respawned with exponential backoff, only for deaths outside a query: one that died running a
+query is replaced at once, so queries that kill workers cannot hold the fleet below capacity.
+A worker that cannot boot stops the server.
 """
 
 from __future__ import annotations
@@ -58,6 +63,7 @@ class Child:
     status_fd: int = -1
     started: float = field(default_factory=time.monotonic)
     ready: bool = False
+    busy: bool = False             # running a query, as its last heartbeat said
     deadline: float = 0.0          # liveness: killed if silent past this (monotonic)
     leaving: str | None = None     # we asked it to leave, and why: a planned exit
     replaces: Child | None = None  # the retiring worker this one will replace
@@ -83,6 +89,7 @@ class Supervisor:
         self.exit_code = 0
         self._signals: asyncio.Queue[int] = asyncio.Queue()
         self._rolling: asyncio.Task | None = None
+        self._gateway_events = -1  # write end of the gateway's pipe of worker exits
 
     # --- start-up ---
 
@@ -163,11 +170,24 @@ class Supervisor:
 
     def spawn_gateway(self) -> None:
         fds = [s.fileno() for s in self.listeners]
+        if self._gateway_events >= 0:
+            os.close(self._gateway_events)  # the old gateway's pipe
+        read_end, self._gateway_events = os.pipe()
+        os.set_blocking(self._gateway_events, False)  # a full pipe loses lines, never blocks us
         args = ["-m", "gateway.app", "--runtime-dir", str(self.runtime),
-                "--supervisor-pid", str(self.pid)]
+                "--supervisor-pid", str(self.pid), "--events-fd", str(read_end)]
         for fd in fds:
             args += ["--listen-fd", str(fd)]
-        self._spawn("gateway", 0, args, pass_fds=fds)
+        try:
+            self._spawn("gateway", 0, args, pass_fds=[*fds, read_end])
+        finally:
+            os.close(read_end)
+
+    def tell_gateway(self, line: str) -> None:
+        try:
+            os.write(self._gateway_events, (line + "\n").encode())
+        except OSError:
+            pass  # no gateway, or it is not reading: it then treats the exit as not proven
 
     def spawn_worker(self, slot: int, replaces: Child | None = None) -> Child:
         read_end, write_end = os.pipe()
@@ -199,20 +219,26 @@ class Supervisor:
     # --- what workers say ---
 
     def _on_status(self, child: Child) -> None:
-        try:
-            data = os.read(child.status_fd, 4096)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if not data:
-            self._close_status(child)
-            return
+        while child.status_fd >= 0:  # to the end: reap() reads what a dead worker said last
+            try:
+                data = os.read(child.status_fd, 4096)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self._close_status(child)
+                return
+            self._on_lines(child, data)
+
+    def _on_lines(self, child: Child, data: bytes) -> None:
         child.buffer += data
         *lines, child.buffer = child.buffer.split(b"\n")
         for line in lines:
             word, _, arg = line.decode().partition(" ")
             now = time.monotonic()
+            if word in ("busy", "idle", "ready"):
+                child.busy = word == "busy"
             if word == "idle":
                 child.deadline = now + self.cfg.workers.heartbeat_timeout_s
             elif word == "busy":
@@ -268,9 +294,13 @@ class Supervisor:
             child = self.children.pop(pid, None)
             if child is None:
                 continue
+            if child.status_fd >= 0:
+                self._on_status(child)  # its last lines: a retire, or the query it was running
             self._close_status(child)
             code = os.waitstatus_to_exitcode(status)
             child.exited.set_result(code)
+            if child.role == "worker":
+                self.tell_gateway(f"exited {pid} {code}")
             how = {"signal": signal.Signals(-code).name} if code < 0 else {"exit_code": code}
             uptime = round(time.monotonic() - child.started, 3)
             if child.leaving and child.ready and code in (0, -signal.SIGTERM):
@@ -286,7 +316,7 @@ class Supervisor:
                 self.replace(child, code)
             else:
                 log.warning("crashed", process=child.role, slot=child.slot, child_pid=pid,
-                            uptime_s=uptime, **how)
+                            uptime_s=uptime, busy=child.busy, **how)
                 self.replace(child, code)
 
     def replace(self, child: Child, code: int) -> None:
@@ -313,11 +343,14 @@ class Supervisor:
             return
         if child.slot not in self.slots and child.replaces is None:
             return  # scaled down
-        count = self.crashes.get(child.slot, 0) + 1
+        # Backoff is for a slot whose workers die on their own (at boot, or idle). One that
+        # died running a query was killed by it (or for it, at its deadline): replaced at once.
+        count = self.crashes.get(child.slot, 0) + (not child.busy)
         if time.monotonic() - child.started > STABLE_S:
             count = 1
         self.crashes[child.slot] = count
-        delay = 0.0 if count == 1 else min(0.1 * 2 ** (count - 2), self.cfg.workers.crash_backoff_max_s)
+        delay = 0.0 if count <= 1 or child.busy else min(0.1 * 2 ** (count - 2),
+                                                          self.cfg.workers.crash_backoff_max_s)
         if delay:
             log.warning("crash_backoff", slot=child.slot, consecutive=count, delay_s=delay)
         old = child.replaces if child.replaces is not None and child.replaces.pid in self.children else None
@@ -401,6 +434,9 @@ class Supervisor:
         if self.cfg.server.unix_socket:
             Path(self.cfg.server.unix_socket).unlink(missing_ok=True)
         shm.sweep(shm.fleet_prefix(self.pid))
+        if self._gateway_events >= 0:
+            os.close(self._gateway_events)
+            self._gateway_events = -1
         if self.runtime is not None:
             shutil.rmtree(self.runtime, ignore_errors=True)
         log.info("stopped", exit_code=self.exit_code, quick=quick)

@@ -12,8 +12,13 @@ only those databases and whose sandbox admits only their directories (`Instances
 token may read is decided by DuckDB's catalog and file system checks, not by reading the SQL.
 
 A result is encoded straight into the segment the gateway lent with the query; the worker
-replies with its length and keeps nothing. Failures are replied as typed Failure messages;
-only a broken gateway connection or SIGTERM ends the loop (after the current query).
+replies with its length and keeps nothing. Failures are replied as typed Failure messages,
+with the server's paths taken out (engine/redact.py: paths under data_dir are shown relative
+to it). Only a broken gateway connection or SIGTERM ends the loop (after the current query),
+and an internal error: DuckDB's internal and fatal errors (also as pyarrow's OSError) mean
+this instance can no longer be trusted, so the worker says Bye before it answers (the gateway
+sends it nothing more and readiness no longer counts it), tells the supervisor to start its
+replacement (`retire internal_error`), and leaves.
 
 Memory: while a query runs a watch thread (engine/memwatch.py) reads RSS; past memory_limit +
 workers.rss_margin_mb the worker says Bye and fails the query with OUT_OF_MEMORY, then exits at
@@ -42,8 +47,9 @@ import pyarrow as pa
 from engine import catalog, config as config_mod, index, log as log_mod, policy, protocol, sandbox
 from engine.memwatch import MemoryWatch, current_rss
 from engine.encode import FORMATS, write_result
-from engine.errors import Kind, QueryError
+from engine.errors import Kind, QueryError, duckdb_kind
 from engine.process import BOOT_FAILED, OVER_MEMORY, die_with_parent, malloc_trim
+from engine.redact import Redactor, first_line
 from engine.shm import ChunkWriter
 
 log = log_mod.get()
@@ -179,8 +185,9 @@ class Worker:
     """The work loop. Main thread: queries, hygiene, heartbeats. Reader thread: the socket."""
 
     def __init__(self, worker_id: int, cfg: config_mod.Config, instances: Instances,
-                 sock: socket.socket, reopen, status_fd: int):
+                 sock: socket.socket, reopen, status_fd: int, redact=lambda text: text):
         self.worker_id = worker_id
+        self.redact = redact  # takes the server's paths out of error messages
         self.cfg = cfg
         self.instances = instances
         self.sock = sock
@@ -202,6 +209,7 @@ class Worker:
         self.rss_at_connect = self.rss_at_trim = current_rss()
         self.leaving: str | None = None  # set by SIGTERM: say Bye, finish, exit
         self.retiring: str | None = None  # a limit was reached and the supervisor was told
+        self.broken = False  # DuckDB reported an internal error: answer, then leave at once
         self._send_lock = threading.Lock()
         self.rss_cap = (instances.memory_limit + workers.rss_margin_mb * 2**20
                         if workers.rss_margin_mb else 0)
@@ -304,6 +312,10 @@ class Worker:
             try:
                 with self._send_lock:
                     self.watch.disarm()  # under the lock: the watch thread cannot fail it now
+                    if self.broken and not said_bye:
+                        # Bye before the reply: the gateway must not give this worker another query.
+                        protocol.send(self.sock, protocol.Bye("internal_error"))
+                        said_bye = True
                     protocol.send(self.sock, reply)
             except OSError:
                 return
@@ -313,6 +325,8 @@ class Worker:
     def idle_tick(self) -> None:
         """A heartbeat, memory figures for the gateway, and the age limit."""
         self.status("idle")
+        if self.broken:
+            return  # its DuckDB is not to be asked anything more
         self.report_memory()
         self.check_limits(current_rss())
 
@@ -323,6 +337,9 @@ class Worker:
 
     def after_query(self, rows: int) -> None:
         self.queries += 1
+        if self.broken:
+            self.check_limits(0)
+            return
         workers = self.cfg.workers
         rss = current_rss()
         if workers.hygiene:
@@ -352,6 +369,16 @@ class Worker:
         self.report_memory()
 
     def check_limits(self, rss: int) -> None:
+        if self.broken and not self.leaving:
+            # Not a recycling limit: this instance must not serve another query, so it stops
+            # taking them now (Bye), without waiting for its replacement to be ready.
+            self.leaving = "internal_error"
+            if not self.retiring:  # else the supervisor is starting a replacement already
+                self.retiring = "internal_error"
+                log.error("worker_retiring", worker=self.worker_id, reason=self.retiring,
+                          queries=self.queries, rss=rss)
+                self.status(f"retire {self.retiring}")
+            return
         if self.retiring:
             return
         workers = self.cfg.workers
@@ -389,6 +416,12 @@ class Worker:
         return name
 
     def run(self, query: protocol.Query) -> protocol.Result | protocol.Failure:
+        reply = self._run(query)
+        if isinstance(reply, protocol.Failure):
+            reply = protocol.Failure(reply.id, reply.kind, self.redact(reply.message))
+        return reply
+
+    def _run(self, query: protocol.Query) -> protocol.Result | protocol.Failure:
         started = time.perf_counter()
         self.watch.arm(query.id)
         with self._lock:
@@ -425,6 +458,8 @@ class Worker:
             return protocol.Failure(query.id, exc.kind, exc.message)
         except duckdb.InterruptException:
             return protocol.Failure(query.id, Kind.TIMEOUT, "query interrupted")
+        except (duckdb.InternalException, duckdb.FatalException) as exc:
+            return self._internal(query, str(exc))
         except duckdb.OutOfMemoryException as exc:
             return protocol.Failure(query.id, Kind.OUT_OF_MEMORY,
                                     f"{exc} (this worker's memory_limit is "
@@ -437,12 +472,8 @@ class Worker:
                                         f"this token may read only the databases "
                                         f"{', '.join(query.databases)}: {exc}")
             return protocol.Failure(query.id, Kind.SQL_ERROR, self._no_such_table(con, exc))
-        except duckdb.IOException as exc:
-            missing = "No files found" in str(exc) or "No such file" in str(exc)
-            return protocol.Failure(query.id, Kind.FILE_MISSING if missing else Kind.SQL_ERROR,
-                                    str(exc))
-        except duckdb.Error as exc:
-            return protocol.Failure(query.id, Kind.SQL_ERROR, str(exc))
+        except duckdb.Error as exc:  # IO errors of a vanished file are FILE_MISSING: re-planned
+            return protocol.Failure(query.id, duckdb_kind(str(exc)) or Kind.SQL_ERROR, str(exc))
         except pa.ArrowNotImplementedError as exc:
             return protocol.Failure(query.id, Kind.BAD_REQUEST,
                                     f"format {query.format!r} cannot encode this result: {exc}")
@@ -451,14 +482,27 @@ class Worker:
                 # DuckDB's interrupt can surface through pyarrow's batch reader as an OSError.
                 return protocol.Failure(query.id, Kind.TIMEOUT,
                                         "query interrupted: it ran past its deadline")
-            if isinstance(exc, OSError) and exc.errno is None:
-                # DuckDB's error in a batch after the first, raised by pyarrow's batch reader.
-                return protocol.Failure(query.id, Kind.SQL_ERROR, str(exc))
-            log.error("query_failed", exc_info=True, query_id=query.id)
+            # DuckDB's errors found mid-result surface through pyarrow's reader as OSError,
+            # known by their text only.
+            kind = duckdb_kind(str(exc)) if isinstance(exc, OSError) else None
+            if kind == Kind.INTERNAL:
+                return self._internal(query, str(exc))
+            if kind == Kind.OUT_OF_MEMORY and con is not None:
+                limit = read_settings(con, ["memory_limit"])["memory_limit"]
+                return protocol.Failure(query.id, kind,
+                                        f"{exc} (this worker's memory_limit is {limit})")
+            if kind is not None:
+                return protocol.Failure(query.id, kind, str(exc))
+            log.error("query_failed", exc_info=True, query_id=query.id)  # a bug of ours
             return protocol.Failure(query.id, Kind.INTERNAL, f"internal error: {type(exc).__name__}")
         finally:
             with self._lock:
                 self._running = None
+
+    def _internal(self, query: protocol.Query, text: str) -> protocol.Failure:
+        self.broken = True
+        log.error("duckdb_internal_error", query_id=query.id, error=self.redact(text))
+        return protocol.Failure(query.id, Kind.INTERNAL, f"internal error: {first_line(text)}")
 
 
 def connect_gateway(path: str, timeout: float, give_up=lambda: False) -> socket.socket:
@@ -484,6 +528,9 @@ def main(argv=None) -> int:
     parser.add_argument("--status-fd", type=int, required=True)
     args = parser.parse_args(argv)
     die_with_parent(args.supervisor_pid)
+    # DuckDB accepts expressions 1,000 deep; the policy decodes their syntax tree, which is
+    # about 2.5 times as deep as JSON (the C decoder's frames are small).
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), 10_000))
     os.umask(0o077)  # DuckDB's temp files and directories are this user's alone
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when workers stop
     runtime = Path(args.runtime_dir)
@@ -506,7 +553,8 @@ def main(argv=None) -> int:
         log.error("worker_boot_failed", worker=args.id, error=str(exc))
         return BOOT_FAILED
     malloc_trim()
-    worker = Worker(args.id, cfg, instances, sock, reopen, args.status_fd)
+    worker = Worker(args.id, cfg, instances, sock, reopen, args.status_fd,
+                    Redactor(cfg.catalog.data_dir, str(runtime)))
     signal.signal(signal.SIGTERM, lambda *_: worker.leave())
     log.info("ready", process="worker", slot=args.id, **settings)
     while True:

@@ -89,7 +89,33 @@ def make_cache(cfg: config_mod.Config, segments: shm.SegmentPool, catalog: Catal
     return cache
 
 
-async def serve(runtime: Path, supervisor_pid: int, listen_fds: list[int]) -> None:
+def read_worker_exits(loop: asyncio.AbstractEventLoop, fd: int, fleet: Fleet) -> None:
+    """The supervisor's pipe: `exited <pid> <code>` a line, for every worker that ended."""
+    os.set_blocking(fd, False)
+    buffer = bytearray()
+
+    def readable() -> None:
+        try:
+            data = os.read(fd, 4096)
+        except BlockingIOError:
+            return
+        if not data:  # the supervisor is gone; we follow it
+            loop.remove_reader(fd)
+            os.close(fd)
+            return
+        buffer.extend(data)
+        *lines, rest = buffer.split(b"\n")
+        buffer[:] = rest
+        for line in lines:
+            word, _, args = line.decode().partition(" ")
+            if word == "exited":
+                pid, code = args.split()
+                fleet.on_exit(int(pid), int(code))
+    loop.add_reader(fd, readable)
+
+
+async def serve(runtime: Path, supervisor_pid: int, listen_fds: list[int],
+                events_fd: int = -1) -> None:
     cfg = config_mod.decode((runtime / "config.json").read_bytes())
     log = log_mod.setup("gateway", cfg.server.log_level, cfg.server.log_file, libraries=("aiohttp",))
     logging.getLogger("aiohttp.server").addFilter(access.BadHttpFilter())
@@ -104,7 +130,7 @@ async def serve(runtime: Path, supervisor_pid: int, listen_fds: list[int]) -> No
                   query_timeout=queue.query_timeout_s, cancel_grace=queue.cancel_grace_s,
                   aging=queue.priority_aging_s, max_result_bytes=results.max_result_mb * 2**20,
                   batch_rows=results.batch_rows, stream_buffer=results.stream_buffer_mb * 2**20,
-                  spills=spills if spills.budget else None)
+                  spills=spills if spills.budget else None, quarantine_s=queue.quarantine_s)
     catalog = Catalog(cfg.catalog)
     await catalog.start()  # the supervisor built the index file: this loads and checks it
     cache = make_cache(cfg, segments, catalog) if cfg.query_cache.enabled else None
@@ -128,6 +154,8 @@ async def serve(runtime: Path, supervisor_pid: int, listen_fds: list[int]) -> No
         await connections_mod.GuardedSite(runner, sock, connections, backlog=1024).start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    if events_fd >= 0:
+        read_worker_exits(loop, events_fd, fleet)
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, lambda: None)  # the supervisor decides
     reloads: set[asyncio.Task] = set()
@@ -157,12 +185,13 @@ def main(argv=None) -> int:
     parser.add_argument("--runtime-dir", required=True)
     parser.add_argument("--supervisor-pid", type=int, required=True)
     parser.add_argument("--listen-fd", type=int, action="append", default=[])
+    parser.add_argument("--events-fd", type=int, default=-1)
     args = parser.parse_args(argv)
     die_with_parent(args.supervisor_pid, signal.SIGTERM)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until serve() handles it: a reload, not a stop
     os.umask(0o077)  # nothing the gateway creates is for other users
     prometheus_client.disable_created_metrics()  # no *_created series: they only add noise
-    uvloop.run(serve(Path(args.runtime_dir), args.supervisor_pid, args.listen_fd))
+    uvloop.run(serve(Path(args.runtime_dir), args.supervisor_pid, args.listen_fd, args.events_fd))
     return 0
 
 

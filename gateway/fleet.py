@@ -19,6 +19,10 @@ all the bytes. Segments go back to the pool once sent or spilled, or at once if 
 Deadline: at query_timeout_s (or the request's lower timeout) the job sends Cancel, which
 interrupts DuckDB; if the worker has not answered after cancel_grace_s the caller gets its
 TIMEOUT anyway, and the worker stays busy until it replies or dies.
+
+How a worker ended: the supervisor writes `exited <pid> <code>` for each worker to a pipe the
+gateway reads (gateway/app.py); `cause_of_death` waits briefly for that line, so that a query
+whose worker died of a fault signal is quarantined (gateway/quarantine.py) instead of retried.
 """
 
 from __future__ import annotations
@@ -27,13 +31,16 @@ import asyncio
 import collections
 import heapq
 import itertools
+import signal
 import time
 
 import psutil
 
 from engine import log as log_mod, protocol
 from engine.errors import Kind, QueryError
+from engine.process import FAULT_SIGNALS
 from engine.shm import Segment, SegmentPool
+from gateway.quarantine import Quarantine
 from gateway.spill import Piece, Spill, Spills
 
 log = log_mod.get()
@@ -41,6 +48,8 @@ log = log_mod.get()
 PRIORITY_RANK = {"high": 0, "normal": 1, "low": 2}
 CANCEL_REPEAT_S = 0.5
 OVER_MEMORY = "out_of_memory"  # a worker's Bye reason before it fails its query and exits
+EXIT_NOTICE_S = 2.0  # how long a lost query waits to learn how its worker ended
+KEPT_EXITS = 256
 
 
 class WorkerLink:
@@ -94,6 +103,7 @@ class Job:
         self.finished = False                # the worker has sent its final reply, or died
         self.closed = False                  # the caller is done with this job
         self.timed_out = False
+        self.lost = False                    # the worker died before its final reply
         self.result: protocol.Result | None = None  # the final reply, once it came
         self.send_ms = 0.0  # time the caller spent sending, for the access log
         self._granting = False
@@ -192,6 +202,7 @@ class Job:
         self._grant()
 
     def on_lost(self) -> None:
+        self.lost = True
         self._finish()
         self._reclaim()
         self.items.put_nowait(QueryError(
@@ -268,7 +279,7 @@ class Fleet:
     def __init__(self, segments: SegmentPool, *, max_queue: int, queue_timeout: float,
                  query_timeout: float, cancel_grace: float, aging: float,
                  max_result_bytes: int, batch_rows: int, stream_buffer: int,
-                 spills: Spills | None = None):
+                 spills: Spills | None = None, quarantine_s: float = 0.0):
         self.segments = segments
         self.max_queue = max_queue
         self.queue_timeout = queue_timeout
@@ -292,6 +303,9 @@ class Fleet:
         self.memory_kills = 0  # workers stopped by their RSS cap (they said Bye "out_of_memory")
         self.rejected = {"queue_full": 0, "queue_timeout": 0}
         self.recycled: dict[str, int] = {}
+        self.quarantine = Quarantine(quarantine_s)
+        self._exits: collections.OrderedDict[int, int] = collections.OrderedDict()  # pid -> code
+        self._exit_waiters: dict[int, asyncio.Future] = {}
 
     # --- membership ---
 
@@ -358,6 +372,33 @@ class Fleet:
         if link in self._idle:
             self._idle.remove(link)
             link.writer.close()
+
+    # --- how workers ended (the supervisor's notices) ---
+
+    def on_exit(self, pid: int, code: int) -> None:
+        self._exits[pid] = code
+        while len(self._exits) > KEPT_EXITS:
+            self._exits.popitem(last=False)
+        waiter = self._exit_waiters.pop(pid, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(code)
+
+    async def cause_of_death(self, pid: int) -> str | None:
+        """The fault signal that killed worker `pid` (a crash of its own, so of its query);
+        None if it was killed from outside, exited, or the notice did not come in time."""
+        code = self._exits.get(pid)
+        if code is None:
+            waiter = self._exit_waiters.setdefault(pid, asyncio.get_running_loop().create_future())
+            try:
+                code = await asyncio.wait_for(asyncio.shield(waiter), EXIT_NOTICE_S)
+            except TimeoutError:
+                log.warning("worker_exit_unknown", worker_pid=pid)
+                return None
+            finally:
+                self._exit_waiters.pop(pid, None)
+        if code < 0 and -code in FAULT_SIGNALS:
+            return signal.Signals(-code).name
+        return None
 
     @property
     def ready(self) -> int:
@@ -451,6 +492,7 @@ class Fleet:
                 "recycled_by_reason": dict(self.recycled), "crashed": self.crashed,
                 "retried": self.retried, "timeouts": self.timeouts,
                 "killed_over_memory": self.memory_kills,
+                "killed_by_query": self.quarantine.added, "quarantined": len(self.quarantine),
                 "rejected": dict(self.rejected),
                 "shm_segments_in_use": pool.in_use, "shm_segments_idle": pool.idle,
                 "shm_segments_created": pool.created,

@@ -136,6 +136,9 @@ class Run:
     async def execute(self, keeper=None, cache_state: str | None = None) -> web.StreamResponse:
         fleet = self.request.app[FLEET]
         self.facts.cache = cache_state
+        if (refused := fleet.quarantine.check(self.query.sql, self.query.params)) is not None:
+            raise refused
+        lost = 0
         for attempt in (1, 2, 3):
             job = await fleet.submit(self.plan.sql, self.fmt, self.query.params, self.timeout,
                                      self.priority, self.databases, self.plan.catalog,
@@ -143,6 +146,8 @@ class Run:
             try:
                 response = await render.send_result(self.request, job, self.fmt,
                                                     self.send_timeout, keeper, cache_state)
+                if job.lost:  # after the first byte: send_result cut the stream; no retry
+                    await self._contain(fleet, job)
                 if job.result is not None:  # timings of answered queries only
                     self.facts.rows, self.facts.execution_ms = job.result.rows, job.result.execution_ms
                     self.facts.wait_ms, self.facts.send_ms = job.wait_ms, job.send_ms
@@ -156,13 +161,35 @@ class Run:
                     await self.replan()
                     continue
                 # Every query is a read: one that lost its worker before a byte was sent runs
-                # once more elsewhere (send_result aborts the stream itself after the first byte).
-                if exc.kind != Kind.WORKER_LOST or attempt > 1:
+                # once more elsewhere (send_result aborts the stream itself after the first byte),
+                # unless the worker died of a fault of its own: then the query killed it, and
+                # would kill the next one too.
+                if exc.kind != Kind.WORKER_LOST:
+                    raise
+                if (refusal := await self._contain(fleet, job)) is not None:
+                    raise refusal from None
+                lost += 1
+                if lost == 2:
                     raise
                 fleet.retried += 1
                 log.warning("query_retried", query_id=job.id, error=exc.message)
             finally:
                 job.close()
+
+    async def _contain(self, fleet: Fleet, job) -> QueryError | None:
+        """If the job's worker died of a fault of its own, quarantine the query; the error.
+        Shielded: the client may be gone (a cut stream), and the query must be kept out anyway."""
+        async def contain() -> QueryError | None:
+            fault = await fleet.cause_of_death(job.link.pid)
+            if fault is None:
+                return None
+            log.warning("query_killed_worker", query_id=job.id, worker=job.link.worker_id,
+                        signal=fault, sql=self.query.sql[:2000])
+            return fleet.quarantine.add(self.query.sql, self.query.params, fault)
+        task = asyncio.ensure_future(contain())
+        fleet.tasks.add(task)
+        task.add_done_callback(fleet.tasks.discard)
+        return await asyncio.shield(task)
 
     async def cached(self, cache: QueryCache, key: CacheKey) -> web.StreamResponse:
         """A hit; or wait for the same query already running; or run it, keeping the result."""

@@ -24,7 +24,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
-RECYCLE_REASONS = ("max_queries", "max_rss", "max_age", "replaced")  # as Fleet.stats() reports them
+RECYCLE_REASONS = ("max_queries", "max_rss", "max_age", "replaced", "internal_error")  # as Fleet.stats() reports them
 _SHORT = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _LONG = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 

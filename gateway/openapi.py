@@ -45,7 +45,8 @@ SCHEMAS = {
             "error": {"type": "string"},
             "error_type": {"enum": ["bad_request", "sql_error", "unauthorized", "forbidden",
                                     "too_large", "out_of_memory", "rate_limited", "overloaded",
-                                    "timeout", "worker_lost", "internal", "request_timeout"]},
+                                    "timeout", "worker_lost", "quarantined", "internal",
+                                    "request_timeout", "file_missing"]},
         },
     },
     "QueryResult": {
@@ -170,7 +171,8 @@ def _query_operation(summary: str, formats: list[str]) -> dict:
         "responses": {
             "200": {"description": "the result", "content": content,
                     "headers": {n: {"description": t, **_HEADER} for n, t in result_headers.items()}},
-            "400": _error("malformed body, wrong field types, or SQL that DuckDB rejects"),
+            "400": _error("malformed body, wrong field types, SQL that DuckDB rejects, or a query "
+                          "quarantined because it crashed a worker"),
             "403": _error("not one read statement, a file outside the sandbox, "
                           "or a database or route the token may not use"),
             "413": _error("the body or the result is over its limit"),
