@@ -49,14 +49,14 @@ def test_huge_sql_is_not_analyzed_and_never_stalls_the_loop(cached: Server):
     poller = threading.Thread(target=poll)
     poller.start()
     try:
-        for _ in range(20):
-            response = srv.query(huge)
-            assert response.status == 400 and b"does not exist" in response.body
+        for _ in range(5):
+            response = srv.query(huge)  # the worker's policy will not walk a tree that large
+            assert response.status == 413 and b"too large to check" in response.body, response
     finally:
         stop.set()
         poller.join(60)
     assert health and set(health) == {200}
-    assert srv.get("/api/v1/cache/stats").json()["bypassed"] == bypassed + 20
+    assert srv.get("/api/v1/cache/stats").json()["bypassed"] == bypassed + 5
     # The analyzer kept nothing of them (it once kept ~65 MB a request).
     assert gateway.memory_info().rss - before < 100 * 2**20
     assert srv.stats()["worker_count"] == 2
@@ -107,7 +107,7 @@ def test_nondeterministic_queries_are_not_cached(cached):
     for sql in ["SELECT current_localtimestamp() AS t", "SELECT current_localtime() AS t",
                 "SELECT count(*) FROM cpu USING SAMPLE 10%",
                 "SELECT count(*) FROM cpu TABLESAMPLE 50%", "SELECT random() AS r",
-                "SELECT current_setting('TimeZone') AS z"]:
+                "SELECT uuid() AS u", "SELECT now() AS t"]:
         first = cached.query(sql)
         second = cached.query(sql)
         assert first.status == 200 and second.headers["X-Cache"] == "bypass", (sql, second)
