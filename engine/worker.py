@@ -44,137 +44,16 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
-from engine import catalog, config as config_mod, index, log as log_mod, policy, protocol, sandbox
-from engine.memwatch import MemoryWatch, current_rss
+from engine import config as config_mod, log as log_mod, policy, protocol, sandbox
 from engine.encode import FORMATS, write_result
 from engine.errors import Kind, QueryError, duckdb_kind
+from engine.instances import Instances, read_settings
+from engine.memwatch import MemoryWatch, current_rss
 from engine.process import BOOT_FAILED, OVER_MEMORY, die_with_parent, malloc_trim
 from engine.redact import Redactor, first_line
 from engine.shm import ChunkWriter
 
 log = log_mod.get()
-
-
-def open_database(cfg: config_mod.Config, memory_limit: int, temp_dir: str,
-                  scope: list[str] | None = None,
-                  evolved: set[str] | None = None) -> duckdb.DuckDBPyConnection:
-    """A DuckDB instance: settings applied, catalog (or the scope's part) loaded, sandboxed,
-    everything verified by reading it back."""
-    Path(temp_dir).mkdir(mode=0o700, parents=True, exist_ok=True)  # DuckDB makes only the last level
-    con = duckdb.connect(":memory:", config={
-        "threads": cfg.duckdb.threads,
-        "memory_limit": f"{memory_limit}B",
-        "temp_directory": temp_dir,
-    })
-    con.execute("SET TimeZone = 'UTC'")
-    for statement in catalog.boot_statements(cfg.catalog, scope, evolved):
-        con.execute(statement)
-    for statement in catalog.view_statements(cfg.catalog):
-        try:
-            con.execute(statement)
-        except duckdb.Error:
-            if scope is None:
-                raise
-            # The view reads a database out of this scope: it does not exist here.
-    directories = [*catalog.directories(cfg.catalog, scope), temp_dir]
-    sandbox.apply(con, directories)
-    attached = [p for name, p in cfg.catalog.databases.items() if scope is None or name in scope]
-    sandbox.verify(con, directories, attached)
-    verify_settings(con, {"threads": str(cfg.duckdb.threads), "memory_limit": memory_limit,
-                          "temp_directory": temp_dir, "TimeZone": "UTC"})
-    return con
-
-
-class Instances:
-    """The worker's DuckDB instances: the whole catalog, and one per scope (a token's databases).
-
-    Scoped instances open on first use and the least recently used is closed beyond MAX_SCOPED:
-    only one query runs at a time, so an idle instance holds little memory. Main thread only.
-    """
-
-    MAX_SCOPED = 4
-
-    def __init__(self, cfg: config_mod.Config, memory_limit: int, temp_root: Path,
-                 full: duckdb.DuckDBPyConnection, version: int = 0,
-                 evolved: set[str] | None = None):
-        self.cfg = cfg
-        self.version = version  # engine.index.catalog_version of the tables it has views for
-        self.evolved = evolved  # tables read by name (several schemas); None: all of them
-        self.memory_limit = memory_limit
-        self.temp_root = temp_root
-        self.full = full
-        self._scoped: dict[tuple[str, ...], tuple[duckdb.DuckDBPyConnection, Path]] = {}
-        self._opened = 0
-
-    @classmethod
-    def open(cls, cfg: config_mod.Config, memory_limit: int, temp_root: Path,
-             evolved: set[str] | None = None) -> "Instances":
-        """`evolved` as the gateway last said; at boot, from the index file the supervisor
-        built. Listed before the views are made: a table that appears meanwhile costs a
-        reopen at the next query, never a wrong view."""
-        data = cfg.catalog
-        if evolved is None:
-            evolved = index.evolved_tables(data.data_dir, data.time_column, data.index_file)
-        keys = index.table_keys(data.data_dir)
-        version = index.catalog_version(keys, keys if evolved is None else evolved)
-        return cls(cfg, memory_limit, temp_root,
-                   open_database(cfg, memory_limit, str(temp_root / "all"), None, evolved),
-                   version, evolved)
-
-    def get(self, scope: list[str] | None) -> duckdb.DuckDBPyConnection:
-        if scope is None:
-            return self.full
-        key = tuple(sorted(set(scope)))
-        if key in self._scoped:
-            self._scoped[key] = self._scoped.pop(key)  # most recently used goes last
-            return self._scoped[key][0]
-        if len(self._scoped) >= self.MAX_SCOPED:
-            self._close(next(iter(self._scoped)))
-        self._opened += 1
-        temp_dir = self.temp_root / f"scope-{self._opened}"
-        con = open_database(self.cfg, self.memory_limit, str(temp_dir), list(key), self.evolved)
-        self._scoped[key] = (con, temp_dir)
-        log.info("scope_opened", databases=list(key))
-        return con
-
-    def outside_scope(self, sql: str, error: duckdb.Error) -> bool:
-        """Whether a SELECT that failed to bind in a scoped instance gets further against the
-        whole catalog: then it names something the scope leaves out. Binding reads no rows
-        (the relation is never executed); this only chooses 403 over 400."""
-        try:
-            if self.full.extract_statements(sql)[0].type != duckdb.StatementType.SELECT:
-                return False
-            self.full.sql(sql)  # without the parameters: binding them would execute
-        except duckdb.Error as exc:
-            # Compare first lines: DuckDB's "Did you mean" hints differ between catalogs.
-            return str(exc).partition("\n")[0] != str(error).partition("\n")[0]
-        return True
-
-    def close(self) -> None:
-        for key in list(self._scoped):
-            self._close(key)
-        self.full.close()
-        _remove_tree(self.temp_root)
-
-    def _close(self, key) -> None:
-        con, temp_dir = self._scoped.pop(key)
-        con.close()
-        _remove_tree(temp_dir)
-
-
-def read_settings(con: duckdb.DuckDBPyConnection, names) -> dict[str, str]:
-    return {name: str(con.execute("SELECT current_setting(?)", [name]).fetchone()[0])
-            for name in names}
-
-
-def verify_settings(con: duckdb.DuckDBPyConnection, expected: dict) -> dict[str, str]:
-    actual = read_settings(con, expected)
-    for name, want in expected.items():
-        if isinstance(want, int):  # a size: DuckDB prints it as format_bytes does ("1.9 GiB")
-            want = con.execute("SELECT format_bytes(?::BIGINT)", [want]).fetchone()[0]
-        if actual[name] != want:
-            raise RuntimeError(f"setting {name} reads back as {actual[name]!r}, expected {want!r}")
-    return actual
 
 
 WAKE = object()  # inbox sentinel: look at `leaving` again
@@ -573,13 +452,6 @@ def main(argv=None) -> int:
             break
     worker.instances.close()
     return 0
-
-
-def _remove_tree(path: Path) -> None:
-    if path.is_dir():
-        for child in sorted(path.rglob("*"), reverse=True):
-            child.rmdir() if child.is_dir() else child.unlink(missing_ok=True)
-        path.rmdir()
 
 
 if __name__ == "__main__":

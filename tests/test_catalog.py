@@ -6,7 +6,7 @@ import shutil
 import duckdb
 import pytest
 
-from engine import catalog, config as config_mod, policy, sandbox, worker
+from engine import catalog, config as config_mod, instances, policy, sandbox
 from engine.demo import write_history
 from engine.errors import QueryError
 from tests.harness import Server, assert_no_leaks, wait_for, write_small_dataset
@@ -65,11 +65,11 @@ warehouse = "{db}"
         assert srv.query("SELECT city FROM warehouse.sites").json()["data"] == [["Paris"]]
         # The statement policy refuses a plain write...
         assert srv.query("INSERT INTO warehouse.sites VALUES ('x', 'y')").status == 403
-        # ...and a write it lets through (a SELECT that advances a stored sequence) is refused
-        # by DuckDB itself, because the file is attached READ_ONLY.
+        # ...and so does the allowlist a SELECT that would advance a stored sequence. Were it
+        # let through, DuckDB itself refuses it (the file is attached READ_ONLY): that is
+        # test_attached_database_is_read_only_in_duckdb, with both checks out of the way.
         resp = srv.query("SELECT nextval('warehouse.main.visits') AS n")
-        assert resp.status == 400 and resp.json()["error_type"] == "sql_error", resp
-        assert READ_ONLY_REFUSAL in resp.json()["error"]
+        assert resp.status == 403 and "nextval() is not allowed" in resp.json()["error"], resp
     finally:
         assert srv.stop() == 0
         assert_no_leaks(srv)
@@ -258,7 +258,7 @@ WRITES = ["INSERT INTO warehouse.sites VALUES ('x', 'y')", "UPDATE warehouse.sit
 
 
 def test_attached_database_is_read_only_in_duckdb(tmp_path):
-    """The worker's own DuckDB instance (worker.open_database: catalog.boot_statements, then
+    """The worker's own DuckDB instance (instances.open_database: catalog.boot_statements, then
     the sandbox, read back) refuses every write to an attached file, with the statement
     policy out of the way; the same statements attached without READ_ONLY do write."""
     data = write_small_dataset(tmp_path / "data", ("default",))
@@ -266,7 +266,7 @@ def test_attached_database_is_read_only_in_duckdb(tmp_path):
     before = digest(db)
     cfg = config_mod.load(None, env={}, overrides={"catalog": {
         "data_dir": str(data), "databases": {"warehouse": str(db)}}})
-    con = worker.open_database(cfg, 256 * 2**20, str(tmp_path / "tmp"))
+    con = instances.open_database(cfg, 256 * 2**20, str(tmp_path / "tmp"))
     try:
         assert con.execute("SELECT city FROM warehouse.sites").fetchall() == [("Paris",)]
         for sql in WRITES:
