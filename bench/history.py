@@ -47,6 +47,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import duckdb
+import psutil
 
 from bench.common import RESULTS, percentile
 from bench.peers import servers, tpch
@@ -259,16 +260,46 @@ def mix_run(server: Server, config: MixConfig, c: int, duration: float, referenc
     mixes = [DashboardMix(seed=c * 100 + n, epoch=epoch, config=config) for n in range(c)]
     sample = Sample()
     logged = len(server.events("access"))
+    cpu_before = cpu_by_role(server)
     stats = closed_loop(_peer(server), lambda n: sample.next_sql(mixes[n], n), c, duration,
                         max_requests=50_000, on_reply=sample.on_reply)
+    cpu_after = cpu_by_role(server)
     access = [e for e in server.events("access")[logged:] if e.get("path") == "/api/v1/query"]
     stats["files_scanned"] = sum(e.get("files_scanned") or 0 for e in access)
     stats["files_pruned"] = sum(e.get("files_pruned") or 0 for e in access)
     stats["files_scanned_per_query"] = round(stats["files_scanned"] / max(1, len(access)), 1)
+    stats["server_p50_ms"] = _server_split(access)
+    stats["server_cpu_share"] = {role: round((cpu_after.get(role, 0) - cpu_before.get(role, 0))
+                                             / stats["duration_s"], 3) for role in cpu_after}
     stats["answers"] = check(sample, reference, out, label)
     if stats["errors"]:
         out["problems"].append(f"{label}: {stats['errors']} errors {stats['error_kinds']}")
     return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in stats.items()}
+
+
+def cpu_by_role(server: Server) -> dict[str, float]:
+    """CPU seconds so far of the fleet's processes, by role (gateway, workers, supervisor)."""
+    seconds: dict[str, float] = {}
+    try:
+        procs = [psutil.Process(server.process.pid), *psutil.Process(server.process.pid).children(True)]
+    except psutil.Error:
+        return seconds
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            cmd = proc.cmdline()
+            role = ("gateway" if "gateway.app" in cmd else "workers" if "engine.worker" in cmd
+                    else "supervisor" if "engine.supervisor" in cmd else "other")
+            t = proc.cpu_times()
+            seconds[role] = seconds.get(role, 0.0) + t.user + t.system
+    return seconds
+
+
+def _server_split(access: list[dict]) -> dict:
+    """p50 of the access log's times: where a request's time went on the server."""
+    def p50(key):
+        values = [e[key] for e in access if e.get(key) is not None]
+        return round(percentile(values, 50), 3) if values else None
+    return {k: p50(k) for k in ("duration_ms", "wait_ms", "execution_ms", "send_ms")}
 
 
 def warm(server: Server, config: MixConfig, reference: Reference, out: dict, label: str) -> int:
@@ -406,6 +437,39 @@ def targets(out: dict) -> list[dict]:
     return found
 
 
+def summary_lines(out: dict) -> list[str]:
+    lines = []
+    if "data" in out:
+        d = out["data"]
+        lines.append(f"data: {d['files']} files ({d['hours']} hours x 3), {d['rows']:,} rows, written in "
+                     f"{d['write_s']} s; the week: {d['week_files']} hard links")
+    for name in ("year", "week"):
+        r = out.get(name)
+        if not r or "latency" not in r:
+            continue
+        lat = r["latency"]
+        lines.append(f"{name}: boot {r['boot_s']} s; c=1 p50 SELECT 1 {lat['select_1']['p50_ms']:.2f} ms, "
+                     f"last hour {lat['last_hour_literal']['p50_ms']:.2f} ms (now(): "
+                     f"{lat['last_hour_now']['p50_ms']:.2f} ms)")
+        for c in (1, 32):
+            m = r.get(f"mix_c{c}")
+            if m:
+                lines.append(f"{name}: mix c={c}: {m['qps']:.1f} QPS, p50 {m['p50_ms']:.1f} ms, p99 "
+                             f"{m['p99_ms']:.1f} ms, errors {m['errors']}/{m['requests']}, client CPU "
+                             f"{m['client_cpu_share']:.0%} of a core, files/query {m['files_scanned_per_query']}, "
+                             f"answers checked {m['answers']['checked']} ({m['answers']['share']:.0%}), "
+                             f"wrong {m['answers']['wrong']}")
+    for form, c in out.get("ceiling", {}).items():
+        if isinstance(c, dict):
+            lines.append(f"ceiling over the week, {c['form']}: {c['qps']:.1f} QPS ({c['processes']} processes, no client)")
+    t = out.get("tpch", {})
+    if "duckfleet" in t:
+        lines.append(f"TPC-H SF{t['scale_factor']:g}, {t['runs']} run(s) each: duckfleet "
+                     f"{t['duckfleet']['sequential_total_s']:.2f} s, in-process threads=1 "
+                     f"{t['in_process_1thread']['sequential_total_s']:.2f} s")
+    return lines
+
+
 def _interrupt(signum, frame):
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
@@ -463,6 +527,8 @@ def main(argv=None) -> int:
         code = code or 1
     out["targets"] = targets(out)
     out["exit_code"] = code
+    for line in summary_lines(out):
+        print(line)
     for t in out["targets"]:
         shown = "n/a" if t["measured"] is None else f"{t['measured']:.3f}"
         print(f"target {t['target']}: {shown} (limit {t['limit']}): {'met' if t['met'] else 'MISSED'}")
