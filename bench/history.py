@@ -334,6 +334,7 @@ def dataset_runs(name: str, tmp: Path, data: Path, config: MixConfig, end: datet
         try:
             with fleet(f"duckfleet-{name}", tmp, data, workers, cfg["boot_timeout_s"], out) as server:
                 result["boot_s"] = out["boot_s"][f"duckfleet-{name}"]
+                result["boot_note"] = "boot_s: while the reference loads in this process, on the same cores"
                 reference = loading.result()
                 result["warm_up_checked"] = warm(server, config, reference, out, name)
                 result["latency"] = latency(server, end, cfg["latency_count"], reference, out)
