@@ -37,6 +37,7 @@ import contextlib
 import http.client
 import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -126,14 +127,42 @@ def wrong_answer(sql: str, got: list, want: list) -> str | None:
     got = [tuple(r) for r in got]
     if len(got) != len(want):
         return f"{len(got)} rows, expected {len(want)}"
-
-    def same(a, b):
-        return len(a) == len(b) and all(tpch._same_value(x, y) for x, y in zip(a, b))
-    if all(same(a, b) for a, b in zip(got, want)):
+    if all(_same_row(a, b) for a, b in zip(got, want)):
         return None
     for n, (a, b) in enumerate(zip(sorted(got, key=tpch._sort_key), sorted(want, key=tpch._sort_key))):
-        if not same(a, b):
+        if not _same_row(a, b):
             return f"row {n}: {a!r} != {b!r}"
+    return None
+
+
+def _same_row(a, b) -> bool:
+    return len(a) == len(b) and all(tpch._same_value(x, y) for x, y in zip(a, b))
+
+
+TOP_N = re.compile(r"\s+ORDER BY (\w+)(?: DESC)?\s+LIMIT \d+\s*$", re.I)
+
+
+def check_answer(reference: "Reference", sql: str, got: list, columns: list[str] | None) -> str | None:
+    """wrong_answer against the reference; for `ORDER BY <column> LIMIT n` whose cut falls in a
+    tie, any of the tied rows is right: then the rows must all be rows of the unlimited result,
+    with the same sort keys as the reference's."""
+    want = reference.rows(sql)
+    problem = wrong_answer(sql, got, want)
+    top = TOP_N.search(sql)
+    if problem is None or top is None or not columns or top.group(1) not in columns:
+        return problem
+    key = columns.index(top.group(1))
+    unlimited = reference.rows(sql[:top.start()] + f" ORDER BY {top.group(1)}")
+    keys_got = sorted(float(r[key]) for r in got)
+    keys_want = sorted(float(r[key]) for r in want)
+    if len(got) != len(want) or not all(tpch._same_value(a, b) for a, b in zip(keys_got, keys_want)):
+        return problem
+    left = list(unlimited)
+    for row in map(tuple, got):
+        match = next((i for i, r in enumerate(left) if _same_row(row, r)), None)
+        if match is None:
+            return problem
+        left.pop(match)
     return None
 
 
@@ -208,7 +237,7 @@ def latency(server: Server, end: datetime, count: int, reference: Reference, out
     result = {"select_1": sequential(server, "SELECT 1", count, out),
               "last_hour_literal": sequential(server, literal, count, out),
               "last_hour_now": sequential(server, relative, count, out)}
-    wrong = wrong_answer(literal, result["last_hour_literal"]["rows"], reference.rows(literal))
+    wrong = check_answer(reference, literal, result["last_hour_literal"]["rows"], None)
     if wrong:
         out["wrong_answers"].append({"sql": literal, "wrong": wrong})
     for r in result.values():
@@ -245,7 +274,8 @@ class Sample:
 def check(sample: Sample, reference: Reference, out: dict, label: str) -> dict:
     wrong = 0
     for panel, sql, body in sample.kept:
-        problem = wrong_answer(sql, json.loads(body)["data"], reference.rows(sql))
+        reply = json.loads(body)
+        problem = check_answer(reference, sql, reply["data"], reply["columns"])
         if problem:
             wrong += 1
             out["wrong_answers"].append({"run": label, "panel": panel, "sql": sql, "wrong": problem})
@@ -312,7 +342,8 @@ def warm(server: Server, config: MixConfig, reference: Reference, out: dict, lab
             status, body = _post(conn, sql)
             if status != 200:
                 raise RuntimeError(f"warm-up {panel}: {status} {body[:300]!r}")
-            problem = wrong_answer(sql, json.loads(body)["data"], reference.rows(sql))
+            reply = json.loads(body)
+            problem = check_answer(reference, sql, reply["data"], reply["columns"])
             if problem:
                 out["wrong_answers"].append({"run": f"{label} warm-up", "panel": panel, "sql": sql,
                                              "wrong": problem})
@@ -360,9 +391,9 @@ def check_pruned_ceiling(data: Path, config: MixConfig, reference: Reference, ou
             for length in WINDOWS:
                 for end in ends:
                     sql = panel_sql(panel, end, length)
-                    got = [tuple(_jsonish(v) for v in r)
-                           for r in con.execute(hours.sql(panel, end, length)).fetchall()]
-                    problem = wrong_answer(sql, got, reference.rows(sql))
+                    cursor = con.execute(hours.sql(panel, end, length))
+                    got = [tuple(_jsonish(v) for v in r) for r in cursor.fetchall()]
+                    problem = check_answer(reference, sql, got, [d[0] for d in cursor.description])
                     if problem:
                         out["problems"].append(f"pruned ceiling {panel} {end} {length}: {problem}")
                     checked += 1
