@@ -1,6 +1,10 @@
 """Run the whole peers benchmark and write its report.
 
-    python -m bench.peers [--quick] [--workers N] [--only dashboard,large,tpch]
+    python -m bench.peers [--quick] [--workers N] [--only dashboard,large,tpch,history]
+
+`history` (not in the default set: a year of files takes minutes to write and index) is the
+year-of-history workload of year.py: duckfleet's pruning against an Arc-style tier without
+pruning and with Arc's regular-expression pruning.
 
 Writes bench/results/peers-<timestamp>/{report.md, report.json, *.png}. Exits 1 when a TPC-H
 result differs from in-process DuckDB's, when duckfleet itself fails, or when a process or a
@@ -27,7 +31,7 @@ from typing import Callable
 import psutil
 
 from bench.common import RESULTS
-from bench.peers import report, servers, tpch, workloads
+from bench.peers import report, servers, tpch, workloads, year
 from bench.peers.ceiling import ceiling_qps
 from bench.peers.datasets import demo_views, tpch_dataset, tpch_views
 from bench.peers.quack_probe import attach_probe
@@ -174,7 +178,8 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="shorter and fewer runs, SF 0.1 (< 3 min)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 2,
                         help="duckfleet workers for the main point (default: one per core)")
-    parser.add_argument("--only", default="dashboard,large,tpch", help="comma-separated workloads")
+    parser.add_argument("--only", default="dashboard,large,tpch",
+                        help="comma-separated workloads: dashboard, large, tpch, history")
     args = parser.parse_args(argv)
     cfg = plan(args.quick)
     cores = os.cpu_count() or 2
@@ -193,6 +198,8 @@ def main(argv=None) -> int:
                 run_dashboard_and_large(Path(tmp), cfg, cores, args.workers, only, epoch, out)
             if "tpch" in only:
                 run_tpch(Path(tmp), cfg, cores, args.workers, out)
+            if "history" in only:
+                year.run(Path(tmp), args.quick, args.workers, out)
     except KeyboardInterrupt:
         out["failure"] = "interrupted"
         code = 130

@@ -13,7 +13,10 @@ After a result of more than ARC_RECREATE_AFTER_ROWS rows (Arc: 5000) the connect
 and recreated before it goes back to the pool, as Arc's pool fix did to release memory.
 
 Configured by the environment (the harness sets it): ARC_BOOT_SQL (a file of statements, one a
-line), ARC_POOL_SIZE, ARC_THREADS, ARC_MEMORY_LIMIT ("" = DuckDB's default), ARC_RECREATE_AFTER_ROWS.
+line), ARC_POOL_SIZE, ARC_THREADS, ARC_MEMORY_LIMIT ("" = DuckDB's default), ARC_RECREATE_AFTER_ROWS,
+and ARC_PRUNE_DIR: when set, each query's tables are pruned as Arc's Python tier pruned them
+(bench/peers/arc_pruner.py: regular expressions on literal times, hour globs under that data
+directory) before it runs; the `X-Arc-Pruned-Globs` header says how many hour globs it read.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ import pyarrow as pa
 from fastapi import Body, FastAPI
 from fastapi.responses import Response
 
+from bench.peers import arc_pruner
+
 POOL_TIMEOUT_S = 5.0
 
 
@@ -40,6 +45,7 @@ def _settings() -> dict:
         "threads": int(os.environ.get("ARC_THREADS", str(os.cpu_count() or 1))),
         "memory_limit": os.environ.get("ARC_MEMORY_LIMIT", ""),
         "recreate_after_rows": int(os.environ.get("ARC_RECREATE_AFTER_ROWS", "5000")),
+        "prune_dir": os.environ.get("ARC_PRUNE_DIR", ""),
     }
 
 
@@ -107,8 +113,10 @@ def query(sql: str = Body(..., embed=True)) -> Response:
     if con is None:
         return _error(503, f"No available connections after {POOL_TIMEOUT_S}s")
     waited = time.perf_counter() - started
-    rows = 0
+    rows, globs = 0, None
     try:
+        if pool().settings["prune_dir"]:
+            sql, globs = arc_pruner.rewrite(sql, Path(pool().settings["prune_dir"]))
         cursor = con.execute(sql)
         columns = [d[0] for d in cursor.description]
         data = [list(row) for row in cursor.fetchall()]
@@ -121,7 +129,8 @@ def query(sql: str = Body(..., embed=True)) -> Response:
             "execution_time_ms": (time.perf_counter() - started - waited) * 1000,
             "wait_time_ms": waited * 1000,
             "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(), "error": None}
-    return Response(json.dumps(body, default=str), media_type="application/json")
+    return Response(json.dumps(body, default=str), media_type="application/json",
+                    headers={"X-Arc-Pruned-Globs": str(globs)})
 
 
 @app.post("/api/v1/query/arrow")

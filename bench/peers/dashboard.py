@@ -6,12 +6,18 @@ dashboards then ask the same query within a minute, which is what a result cache
 The rest explore: a window of the same lengths aligned to the hour anywhere in the week of
 data, almost never repeated. "Now" is virtual: it starts at NOW0 and advances with the wall
 clock, so a run of a minute sees one or two values of it.
+
+The data's start and length, the first "now" and the span exploration draws from are
+parameters (`MixConfig`): the defaults are the demo's week (now at 6.5 days, exploration over
+the whole week); bench.history runs the same mix over a year of data and over its last week,
+with now 12 hours before the end of the data and exploration within the last week.
 """
 
 from __future__ import annotations
 
 import random
 import time
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from engine.demo import HOURS, START
@@ -74,23 +80,51 @@ def panel_sql(panel: str, end: datetime, length: timedelta) -> str:
     return PANELS[panel].format(w=window, bucket=WINDOWS[length])
 
 
+@dataclass(frozen=True)
+class MixConfig:
+    """Where the data is and where the mix looks: live windows end at `now0` (advancing with the
+    wall clock); exploratory windows end on an hour within the last `explore_hours` of data."""
+    start: datetime = START_NAIVE  # naive UTC, the first hour of data
+    hours: int = HOURS
+    now0: datetime = NOW0
+    explore_hours: int = HOURS
+
+    @classmethod
+    def ending(cls, end: datetime, hours: int, explore_hours: int = 168,
+               live_before_end: timedelta = timedelta(hours=12)) -> "MixConfig":
+        """Data of `hours` hours up to `end` (naive UTC, exclusive); "now" as far before the end
+        as the demo's is (12 h), exploration within the last week."""
+        return cls(end - timedelta(hours=hours), hours, end - live_before_end,
+                   min(explore_hours, hours))
+
+
+DEMO = MixConfig()
+
+
 class DashboardMix:
     """An endless, seeded sequence of panel queries; `epoch` is when virtual time started."""
 
-    def __init__(self, seed: int, epoch: float):
+    def __init__(self, seed: int, epoch: float, config: MixConfig = DEMO):
         self.random = random.Random(seed)
         self.epoch = epoch
+        self.config = config
 
     def now(self) -> datetime:
-        virtual = NOW0 + timedelta(seconds=time.time() - self.epoch)
+        virtual = self.config.now0 + timedelta(seconds=time.time() - self.epoch)
         return virtual.replace(second=0, microsecond=0)
 
-    def next(self) -> str:
+    def next_panel(self) -> tuple[str, datetime, timedelta]:
+        """(panel, end of its window, length of its window)."""
+        cfg = self.config
         panel = self.random.choice(list(PANELS))
         length = self.random.choice(list(WINDOWS))
         if self.random.random() < LIVE_SHARE:
             end = self.now()
         else:
             first = int(length.total_seconds() // 3600)
-            end = START_NAIVE + timedelta(hours=self.random.randint(first, HOURS))
-        return panel_sql(panel, end, length)
+            lowest = max(first, cfg.hours - cfg.explore_hours + first)
+            end = cfg.start + timedelta(hours=self.random.randint(lowest, cfg.hours))
+        return panel, end, length
+
+    def next(self) -> str:
+        return panel_sql(*self.next_panel())

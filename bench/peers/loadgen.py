@@ -5,7 +5,8 @@ HTTP peers are driven by one asyncio aiohttp client in this process; DuckDB-clie
 GIL while it runs). Every run stops by itself: at `duration` seconds no client starts another
 query, and `max_requests` bounds the count. The client shares the machine's cores with the
 server; `client_cpu_share` (this process's CPU seconds over wall seconds, all threads) says
-how much of them it took.
+how much of them it took. `on_reply(client, sql, status, body)`, if given, sees every HTTP
+reply (bench.history keeps a sample of them to check the answers after the run).
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def _stats(tally: Tally, concurrency: int, wall: float, cpu: float) -> dict:
 
 
 async def _http(peer: Peer, next_sql: Callable[[int], str], concurrency: int, duration: float,
-                max_requests: int) -> Tally:
+                max_requests: int, on_reply: Callable | None = None) -> Tally:
     tally = Tally()
     url = f"http://{LOOPBACK}:{peer.port}/api/v1/query"
     deadline = time.perf_counter() + duration
@@ -89,7 +90,9 @@ async def _http(peer: Peer, next_sql: Callable[[int], str], concurrency: int, du
                 try:
                     async with session.post(url, data=json.dumps({"sql": sql}),
                                             headers={"Content-Type": "application/json"}) as resp:
-                        await resp.read()
+                        body = await resp.read()
+                        if on_reply is not None:
+                            on_reply(n, sql, resp.status, body)
                         if resp.status != 200:
                             tally.errors[f"http {resp.status}"] += 1
                             continue
@@ -137,11 +140,11 @@ def _threads(peer: Peer, next_sql: Callable[[int], str], concurrency: int, durat
 
 
 def closed_loop(peer: Peer, next_sql: Callable[[int], str], concurrency: int, duration: float,
-                max_requests: int = 100_000) -> dict:
+                max_requests: int = 100_000, on_reply: Callable | None = None) -> dict:
     """Run the load; next_sql(client number) gives each client's next query."""
     wall, cpu = time.perf_counter(), time.process_time()
     if peer.kind == "http":
-        tally = asyncio.run(_http(peer, next_sql, concurrency, duration, max_requests))
+        tally = asyncio.run(_http(peer, next_sql, concurrency, duration, max_requests, on_reply))
     else:
         tally = _threads(peer, next_sql, concurrency, duration, max_requests)
     return _stats(tally, concurrency, time.perf_counter() - wall, time.process_time() - cpu)

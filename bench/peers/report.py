@@ -244,6 +244,8 @@ def markdown(out: dict) -> str:
                 lines.append(f"- {peer} Q{e['query']}: {e['error']}")
             for e in r["mismatches"][:5]:
                 lines.append(f"- **mismatch** {peer} Q{e['query']}: {e['mismatch']}")
+    from bench.peers.year import markdown as history_markdown  # noqa: PLC0415
+    lines += history_markdown(out)
     left = out.get("left_behind", {})
     lines += ["", f"Left behind after the run: {len(left.get('processes', []))} processes, "
               f"{len(left.get('segments', []))} shared-memory segments.",

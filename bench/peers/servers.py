@@ -105,10 +105,13 @@ def _wait(predicate, timeout: float, what: str, proc: subprocess.Popen | None = 
 
 @contextlib.contextmanager
 def duckfleet(name: str, tmp: Path, data_dir: Path, workers: int, config: str = "",
-              env: dict | None = None):
+              env: dict | None = None, boot_timeout: float = 30):
+    """boot_timeout: for the workers to be ready (a year of files takes minutes: every file's
+    schema is read once)."""
     server = Server(tmp / name, data_dir, workers=workers, config=config, env=env)
     try:
-        server.start()
+        server.start(wait_ready=False)
+        server.wait_ready(timeout=boot_timeout)
         yield Peer(name, "http", port=server.port, pids=[server.process.pid])
     finally:
         if server.process is not None:
@@ -123,13 +126,14 @@ def duckfleet(name: str, tmp: Path, data_dir: Path, workers: int, config: str = 
 
 @contextlib.contextmanager
 def arc_tier(name: str, tmp: Path, boot: list[str], workers: int, pool_size: int, threads: int,
-             memory_limit: str = ""):
+             memory_limit: str = "", prune_dir: Path | None = None):
     folder = tmp / name
     folder.mkdir(parents=True)
     (folder / "boot.sql").write_text("\n".join(boot) + "\n")
     port = free_port()
     env = {"ARC_BOOT_SQL": str(folder / "boot.sql"), "ARC_POOL_SIZE": str(pool_size),
-           "ARC_THREADS": str(threads), "ARC_MEMORY_LIMIT": memory_limit}
+           "ARC_THREADS": str(threads), "ARC_MEMORY_LIMIT": memory_limit,
+           "ARC_PRUNE_DIR": str(prune_dir or "")}
     # Arc's workaround for its leak: recycle each worker after about 1000 requests.
     argv = [sys.executable, "-m", "gunicorn", "-k", "uvicorn.workers.UvicornWorker",
             "-w", str(workers), "-b", f"{LOOPBACK}:{port}", "--timeout", "600",
@@ -150,7 +154,8 @@ def arc_tier(name: str, tmp: Path, boot: list[str], workers: int, pool_size: int
         _wait(every_worker_answers, 120, f"{name} workers", proc, log)
         yield Peer(name, "http", port=port, pids=[proc.pid],
                    notes=f"{workers} workers x pool {pool_size}, threads={threads}, "
-                         f"memory_limit={memory_limit or 'DuckDB default (80% RAM)'}")
+                         f"memory_limit={memory_limit or 'DuckDB default (80% RAM)'}"
+                         + (", Arc's regex partition pruning" if prune_dir else ""))
 
 
 # --- Quack: DuckDB's remote protocol ---
