@@ -205,7 +205,8 @@ def evolved_tables(data_dir: str, time_column: str, index_file: str) -> set[str]
     if not path.exists():
         return None
     index = Index.load(data_dir, time_column, path)
-    return {key for key, files in index.tables().items() if len({f.schema for f in files}) > 1}
+    return {key for key, files in index.tables().items()
+            if len({f.schema for f in files if f.schema >= 0}) > 1}  # as gateway/tables.py
 
 
 def _any_parquet(directory: Path) -> bool:

@@ -17,6 +17,7 @@ import resource
 import signal
 import socket
 import sys
+import threading
 from pathlib import Path
 
 import prometheus_client
@@ -191,6 +192,10 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until serve() handles it: a reload, not a stop
     os.umask(0o077)  # nothing the gateway creates is for other users
     prometheus_client.disable_created_metrics()  # no *_created series: they only add noise
+    # The planning thread walks parse trees as deep as DuckDB accepts (1,000 expressions, a
+    # few thousand levels of JSON): room for that in recursion and in every thread's stack.
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), 20_000))
+    threading.stack_size(64 * 2**20)
     uvloop.run(serve(Path(args.runtime_dir), args.supervisor_pid, args.listen_fd, args.events_fd))
     return 0
 

@@ -248,10 +248,14 @@ class Catalog:
     def _fill(self, template: Template, sql: str) -> Plan:
         """This request's plan: evaluate the bounds now, choose files, fill in the markers."""
         seen = tuple(template.seen)
-        tables = [self.tables.get(key) for key in seen]
-        scanned = sum(len(t.files) for t in tables if t is not None)
+        scanned = sum(len(self.tables[key].files) for key in seen if key in self.tables)
+
+        def made(run: str, pruned: int = 0) -> Plan:
+            return Plan(template.analysis, run, scanned - pruned, pruned, self.version, seen,
+                        self.evolved)
+
         if template.run_sql is None:
-            return Plan(template.analysis, sql, scanned, 0, self.version, seen, self.evolved)
+            return made(sql)
         literals = self._instant() if template.clocked else {}
         values = template.values
         if values is None:
@@ -259,20 +263,20 @@ class Catalog:
         lists, pruned = [], 0
         for table_key, terms in template.refs:
             table = self.tables.get(table_key)
+            if table is None:  # gone since the template was made
+                return made(sql)
             ranges = prune.intervals(("and", terms), values) if values is not None else None
-            if table is None:
-                return Plan(template.analysis, sql, scanned, 0, self.version, seen, self.evolved)
             chosen = table.select(ranges) if ranges is not None else range(len(table.files))
             pruned += len(table.files) - len(chosen)
             lists.append(", ".join(_literal(table.paths[i]) for i in chosen))
         if not pruned:
-            return Plan(template.analysis, sql, scanned, 0, self.version, seen, self.evolved)
+            return made(sql)
         text = template.run_sql
         for n, files in enumerate(lists):
             text = text.replace(f"'{self._mark}_files_{n}'", files)
         for marker, literal in literals.items():
             text = text.replace(marker, literal)
-        return Plan(template.analysis, text, scanned - pruned, pruned, self.version, seen, self.evolved)
+        return made(text, pruned)
 
     def _template(self, sql: str, scope: list[str] | None) -> Template:
         analysis = self.analyzer.analyze(sql)
@@ -292,10 +296,9 @@ class Catalog:
             return template
         template.refs = [(ref.table.key.casefold(), ref.terms) for ref in collector.refs]
         template.bounds_sql, template.run_sql = bounds_sql, run_sql
-        template.clocked = clocked
-        if not (clocked and self._mark in bounds_sql):
+        template.clocked = clocked  # the request's instant is in the bounds or the rewrite
+        if f"{self._mark}_now" not in bounds_sql:  # bounds that do not move: evaluated once
             template.values = self._evaluate(bounds_sql, {})
-            template.clocked = clocked  # the rewrite still holds the instant
         return template
 
     def _collect(self, tree: dict, scope: list[str] | None) -> prune.Collector:

@@ -287,7 +287,10 @@ def test_send_timeout_drops_a_client_that_takes_nothing(make_server, how):
 
 
 def test_stream_buffer_makes_the_worker_wait_for_a_slow_client(make_server):
-    srv = make_server(config="[results]\nchunk_mb = 1\nstream_buffer_mb = 2\n").start()
+    # With spilling off (spill_max_mb = 0): the back-pressure that spilling relieves
+    # (tests/test_slow_clients.py shows a slow client holding disk instead of its worker).
+    srv = make_server(config="[results]\nchunk_mb = 1\nstream_buffer_mb = 2\n"
+                             "spill_max_mb = 0\n").start()
     sock = raw_socket_request(srv.port, http_post_closing({"sql": EIGHTY_MB, "format": "arrow"}))
     # Far more than the socket buffers hold: with 2 MiB of buffer, the worker must wait.
     wait_for(lambda: srv.stats()["busy"] == 1 and srv.stats()["shm_segments_in_use"] >= 2, 20,
