@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import secrets
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -53,6 +54,7 @@ class Plan:
     catalog: int         # the table set's version, for the worker's views
     tables: tuple[str, ...] = ()  # the Arc tables it reads (casefolded keys)
     evolved: list[str] | None = None  # tables of several schemas, for the worker's views
+    changes: int = 0     # Catalog.changes it is current for (see Catalog.current)
 
 
 @dataclass
@@ -75,6 +77,8 @@ class Catalog:
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="planner")
         self.watcher: DataWatcher | None = None
         self.scanned_total = self.pruned_total = 0
+        self.changes = 0  # change reports heard (on the loop): a plan made across one is redone
+        self.applied = 0  # the changes the index holds (planning thread)
         # Markers in rewritten text: a random word no client can have guessed.
         self._mark = f"duckfleet_{secrets.token_hex(8)}"
         self._reset(cfg)
@@ -142,7 +146,8 @@ class Catalog:
         sandbox.apply(con, [self.data_dir])  # reads footers of the data, nothing else
         self._con = con
         self.index = index_mod.Index.load(self.data_dir, self.cfg.time_column, self.index_path)
-        self._refresh_all()
+        self._pending = None  # everything: the first refresh
+        self._apply_pending()
 
     def close(self) -> None:
         if self.watcher is not None:
@@ -168,6 +173,7 @@ class Catalog:
             self.watcher.poll()
 
     def _on_change(self, paths: set[str] | None) -> None:
+        self.changes += 1
         if paths is None or self._pending is None:
             self._pending = None
         else:
@@ -177,19 +183,18 @@ class Catalog:
         for listener in self.listeners:
             listener(tables)
 
-    def _refresh_all(self) -> None:
-        self._pending = set()
-        read, dropped = self.index.refresh()
-        self._rebuild(read or dropped or not self.tables)
-
     def _apply_pending(self) -> None:
-        """Planning thread: bring the index up to date with what poll() collected."""
+        """Planning thread: bring the index up to date with what poll() collected. Until it
+        is done, `applied` lags `changes`, so no memoized plan is taken meanwhile."""
+        seen = self.changes
         pending, self._pending = self._pending, set()
         if pending is None:
-            self._refresh_all()
+            read, dropped = self.index.refresh()
+            self._rebuild(bool(read or dropped or not self.tables))
         elif pending:
             read, dropped = self.index.update(pending)
             self._rebuild(bool(read or dropped))
+        self.applied = seen
 
     def _rebuild(self, changed: bool) -> None:
         if not changed:
@@ -213,17 +218,22 @@ class Catalog:
         for _ in range(REPLANS):
             self.poll()
             memo = self._plans.get(key)
-            if memo is not None and memo[0] == self.generation and self._pending == set():
+            if memo is not None and memo[0] == self.generation and self.applied == self.changes:
                 plan = memo[1]
                 break
+            changes = self.changes
             plan = await self._run(self._plan, sql, scope, key)
-            if self._pending == set():
+            if self.changes == changes:
                 # Nothing changed while it was planned: a change from now on reaches the
                 # caller's cache flight (it is created before the next await) as stale.
                 break
         self.scanned_total += plan.files_scanned
         self.pruned_total += plan.files_pruned
-        return plan
+        return dataclasses.replace(plan, changes=self.changes)
+
+    def current(self, plan: Plan) -> bool:
+        """Whether no file changed since the plan was made (the caller awaited meanwhile)."""
+        return plan.changes == self.changes
 
     def _plan(self, sql: str, scope: list[str] | None, key: tuple) -> Plan:
         self._apply_pending()

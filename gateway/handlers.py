@@ -205,6 +205,8 @@ class Run:
             if outcome is BYPASS:
                 return await self.execute(cache_state="bypass")
             # RETRY: its leader left before the result; ask again (the first asker leads)
+            if not self.request.app[CATALOG].current(self.plan):
+                await self.replan()  # files changed while it waited: its plan may not hold
         flight, keeper = cache.lead(key)
         outcome = RETRY  # if this request is cancelled, a waiter takes over
         try:
