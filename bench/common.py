@@ -6,6 +6,7 @@ import contextlib
 import http.client
 import json
 import os
+import signal
 import tempfile
 import time
 from pathlib import Path
@@ -31,6 +32,16 @@ def demo_server(workers: int | None = None, config: str = ""):
         finally:
             server.stop()
             server.runtime_base.rmdir()
+
+
+def raise_on_stop_signals() -> None:
+    """Ctrl-C and SIGTERM raise KeyboardInterrupt in the main thread, wherever it is, so every
+    `finally` stops its server (asyncio.run's own SIGINT handling only cancels its task, which
+    aiohttp can absorb)."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 def percentile(values: list[float], p: float) -> float:

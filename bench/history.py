@@ -39,7 +39,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -50,7 +49,7 @@ from pathlib import Path
 import duckdb
 import psutil
 
-from bench.common import RESULTS, percentile
+from bench.common import RESULTS, percentile, raise_on_stop_signals
 from bench.peers import servers, tpch
 from bench.peers.ceiling import HourFiles, ceiling_qps
 from bench.peers.dashboard import PANELS, WINDOWS, DashboardMix, MixConfig, panel_sql
@@ -502,13 +501,8 @@ def summary_lines(out: dict) -> list[str]:
     return lines
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt(signal.Signals(signum).name)
-
-
 def main(argv=None) -> int:
-    signal.signal(signal.SIGINT, _interrupt)
-    signal.signal(signal.SIGTERM, _interrupt)
+    raise_on_stop_signals()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="90 days, short runs, TPC-H SF 0.1 (< 3 min)")
     parser.add_argument("--workers", type=int, default=2)

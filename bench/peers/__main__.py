@@ -18,7 +18,6 @@ import argparse
 import contextlib
 import json
 import os
-import signal
 import sys
 import tempfile
 import time
@@ -30,7 +29,7 @@ from typing import Callable
 
 import psutil
 
-from bench.common import RESULTS
+from bench.common import RESULTS, raise_on_stop_signals
 from bench.peers import report, servers, tpch, workloads, year
 from bench.peers.ceiling import ceiling_qps
 from bench.peers.datasets import demo_views, tpch_dataset, tpch_views
@@ -165,15 +164,8 @@ def run_tpch(tmp: Path, cfg: dict, cores: int, workers: int, out: dict) -> None:
                     raise
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt(signal.Signals(signum).name)
-
-
 def main(argv=None) -> int:
-    # Ctrl-C and SIGTERM raise here, wherever the main thread is, so every `finally` stops its
-    # peer. (asyncio.run's own SIGINT handling only cancels its task, which aiohttp can absorb.)
-    signal.signal(signal.SIGINT, _interrupt)
-    signal.signal(signal.SIGTERM, _interrupt)
+    raise_on_stop_signals()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="shorter and fewer runs, SF 0.1 (< 3 min)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 2,
