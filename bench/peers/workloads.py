@@ -14,7 +14,7 @@ import time
 
 from bench.peers.dashboard import NOW0, PANELS, WINDOWS, DashboardMix, panel_sql
 from bench.peers.loadgen import closed_loop, fetch_arrow, post
-from bench.peers.servers import LOOPBACK, Peer, RssSampler
+from bench.peers.servers import Peer, RssSampler
 
 LARGE = {n: f"SELECT i, i * 2 AS j, i % 7 AS k FROM range({n}) t(i)" for n in (1_000_000, 10_000_000)}
 SLOW_S = 15.0
