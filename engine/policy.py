@@ -19,12 +19,11 @@ into. A tree too deep to decode is refused as a SQL error, like DuckDB's own dep
 
 from __future__ import annotations
 
-import json
-
 import duckdb
 
 from engine import allowlist
 from engine.errors import Kind, QueryError
+from engine.sqltree import parse_tree
 
 ALLOWED = {duckdb.StatementType.SELECT}
 TREE_MAX = 16 * 2**20  # 780 KB of "*," makes 75 MB of tree; a 100 KB IN list about 2 MB
@@ -59,12 +58,9 @@ def check(con: duckdb.DuckDBPyConnection, sql: str) -> None:
 
 
 def syntax_tree(con: duckdb.DuckDBPyConnection, sql: str) -> dict:
-    text = con.execute("SELECT json_serialize_sql($1)", [sql]).fetchone()[0]
-    if len(text) > TREE_MAX:  # decoding and walking it would hold the worker for seconds
-        raise QueryError(Kind.TOO_LARGE, f"the statement is too large to check: its syntax tree "
-                                         f"is over {TREE_MAX // 2**20} MiB")
     try:
-        tree = json.loads(text)  # not msgspec: the tree holds Infinity and NaN (SELECT 1e400)
+        # Past TREE_MAX, decoding and walking it would hold the worker for seconds.
+        tree = parse_tree(con, sql, TREE_MAX)
     except RecursionError:  # deeper than the worker's recursion limit (engine/worker.py)
         raise QueryError(Kind.SQL_ERROR, "the statement is nested too deeply") from None
     if tree.get("error"):

@@ -35,8 +35,9 @@ import msgspec
 
 from engine import index as index_mod, log as log_mod, sandbox
 from engine.config import CatalogConfig
+from engine.sqltree import parse_tree
 from gateway import prune, tables as tables_mod
-from gateway.sqlkey import Analysis, SqlAnalyzer, parse_tree
+from gateway.sqlkey import Analysis, SqlAnalyzer
 from gateway.tables import TableFiles
 from gateway.watch import DataWatcher
 

@@ -28,7 +28,6 @@ gateway calls it from its planning thread only (gateway/catalog.py), never on th
 from __future__ import annotations
 
 import collections
-import json
 import re
 from dataclasses import dataclass
 
@@ -36,6 +35,7 @@ import duckdb
 import msgspec
 
 from engine.errors import Kind, QueryError
+from engine.sqltree import parse_tree
 
 # Keywords DuckDB parses as column names and binds to the clock or the session.
 VOLATILE_KEYWORDS = frozenset({"current_timestamp", "current_date", "current_time", "localtimestamp",
@@ -73,16 +73,6 @@ def volatile_functions(con: duckdb.DuckDBPyConnection) -> frozenset[str]:
         if not found:
             return frozenset(names)
         names |= found
-
-
-def parse_tree(con: duckdb.DuckDBPyConnection, sql: str) -> dict:
-    """json_serialize_sql's answer as Python data. DuckDB writes Infinity and NaN unquoted,
-    which is not JSON: they become {"float": "Infinity"} so the key still tells them apart."""
-    text = con.execute("SELECT json_serialize_sql($1)", [sql]).fetchone()[0]
-    try:
-        return msgspec.json.decode(text)
-    except msgspec.DecodeError:
-        return json.loads(text, parse_constant=lambda c: {"float": c})
 
 
 class SqlAnalyzer:

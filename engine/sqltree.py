@@ -1,0 +1,28 @@
+"""DuckDB's parse tree of a statement (`json_serialize_sql`) as Python data, for both sides of
+the socket: the gateway's analysis (gateway/sqlkey.py, pruning) and the worker's statement
+policy (engine/policy.py). Runs on the caller's DuckDB connection and thread.
+
+DuckDB writes Infinity and NaN unquoted, which is not JSON: msgspec refuses that text, so it is
+decoded again with the json module, where they become {"float": "Infinity"} (a cache key still
+tells 1e400 from NULL). `max_bytes` refuses a tree too large to decode and walk (TOO_LARGE).
+"""
+
+from __future__ import annotations
+
+import json
+
+import duckdb
+import msgspec
+
+from engine.errors import Kind, QueryError
+
+
+def parse_tree(con: duckdb.DuckDBPyConnection, sql: str, max_bytes: int = 0) -> dict:
+    text = con.execute("SELECT json_serialize_sql($1)", [sql]).fetchone()[0]
+    if max_bytes and len(text) > max_bytes:
+        raise QueryError(Kind.TOO_LARGE, f"the statement is too large to check: its syntax tree "
+                                         f"is over {max_bytes // 2**20} MiB")
+    try:
+        return msgspec.json.decode(text)
+    except msgspec.DecodeError:
+        return json.loads(text, parse_constant=lambda c: {"float": c})
