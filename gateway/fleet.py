@@ -462,12 +462,18 @@ class Fleet:
         `catalog`, `evolved`: the table set the query was planned against (Query says more).
         """
         started = time.perf_counter()
-        link = await self._acquire(priority)
-        try:
-            segment = await self.segments.acquire()
-        except BaseException:
-            self._give(link)
-            raise
+        while True:
+            link = await self._acquire(priority)
+            try:
+                segment = await self.segments.acquire()
+            except BaseException:
+                self._give(link)
+                raise
+            if link.alive:
+                break
+            # It died after it was handed over (while this waiter woke, or waited for a
+            # segment): its read loop has ended and would never fail a job attached now.
+            self.segments.release(segment)
         wait_ms = (time.perf_counter() - started) * 1000
         timeout = min(timeout_s, self.query_timeout) if timeout_s else self.query_timeout
         job = Job(self, link, next(self._ids), timeout, wait_ms)
