@@ -1,10 +1,10 @@
 """The year-of-history workload: the dashboard mix over a year of hourly files, where pruning
 decides the cost, against an Arc-style tier without pruning and with Arc's regex pruning.
 
-    python -m bench.peers --only history [--quick]
+    python -m bench.peers --only history [--quick | --smoke]
 
 Data: the demo's measurements (cpu, mem, disk) as one file an hour for a year (`--quick`: 90
-days) up to the end of the current hour (engine.demo.write_history). The mix is bench/peers's
+days, `--smoke`: 2 days) up to the end of the current hour (engine.demo.write_history). The mix is bench/peers's
 (dashboard.py), live windows 12 hours before the end of the data, exploration within the last
 week, sent in two spellings: as dashboards write it (`time >= TIMESTAMP '...'`) and with bare
 string literals (`time >= '...'`), the only form Arc's regular expressions see. Peers:
@@ -12,7 +12,7 @@ duckfleet (parse-tree pruning), the documented Arc-style tier over the glob view
 pruning, as bench.peers runs it), and the same tier pruning as Arc's Python tier did
 (arc_pruner.py). Also, at c=1, the last-hour panel's p50 in three spellings (TIMESTAMP
 literal, string literal, `now() - INTERVAL 1 HOUR`). A peer's errors are reported; duckfleet's
-fail the run.
+fail the run (verdict.py).
 """
 
 from __future__ import annotations
@@ -35,9 +35,11 @@ SPELLINGS = {"timestamp": lambda sql: sql, "string": lambda sql: sql.replace("TI
 BOOT_TIMEOUT_S = 1200
 
 
-def plan(quick: bool) -> dict:
-    return {"hours": 90 * 24 if quick else 365 * 24, "concurrencies": [1, 32],
-            "duration": 2.5 if quick else 6.0, "latency_count": 30 if quick else 100}
+def plan(mode: str) -> dict:
+    if mode == "smoke":
+        return {"hours": 48, "concurrencies": [1, 8], "duration": 1.0, "latency_count": 5}
+    return {"hours": 90 * 24 if mode == "quick" else 365 * 24, "concurrencies": [1, 32],
+            "duration": 2.5 if mode == "quick" else 6.0, "latency_count": 30 if mode == "quick" else 100}
 
 
 def _post(port: int, sql: str) -> tuple[int, bytes, dict]:
@@ -90,8 +92,8 @@ def measure(peer: Peer, config: MixConfig, end: datetime, cfg: dict) -> dict:
     return result
 
 
-def run(tmp: Path, quick: bool, workers: int, out: dict) -> None:
-    cfg = plan(quick)
+def run(tmp: Path, mode: str, workers: int, out: dict) -> None:
+    cfg = plan(mode)
     end = datetime.now(timezone.utc).replace(minute=0, second=0, microsecond=0) + timedelta(hours=1)
     data = tmp / "history-data"
     started = time.perf_counter()
@@ -121,13 +123,6 @@ def run(tmp: Path, quick: bool, workers: int, out: dict) -> None:
                 result["peers"][name]["notes"] = peer.notes
         except Exception as exc:
             out["unavailable"][f"history {name}"] = str(exc).splitlines()[0][:300] if str(exc) else repr(exc)
-            if name.startswith("duckfleet"):
-                raise
-    mine = result["peers"].get(f"duckfleet-w{workers}", {})
-    failed = [k for k, r in mine.items() if isinstance(r, dict) and r.get("errors")]
-    failed += [f"last_hour {k}" for k, r in mine.get("last_hour", {}).items() if r["errors"]]
-    if failed:
-        raise RuntimeError(f"duckfleet failed in the history workload: {failed}")
 
 
 def markdown(out: dict) -> list[str]:
