@@ -243,7 +243,7 @@ def main(argv=None) -> int:
         print(f"left behind: {out['left_behind']}", file=sys.stderr)
         code = code or 1
     out["targets"] = report.targets(out)
-    out["failures"] = verdict.failures(out)
+    out["failures"] = verdict.failures(out, only if code != 130 else set())
     if out["failures"]:
         code = code or 1
     with contextlib.suppress(Exception) if code == 130 else contextlib.nullcontext():

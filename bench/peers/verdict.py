@@ -3,8 +3,9 @@
 Read from the run's results after the fact, so no workload can forget to report: duckfleet
 (every peer whose name starts with "duckfleet", cache on or off) failing to start, an error or
 a wrong answer in the dashboard mix (warm-up included), a large result that failed, a TPC-H
-error or mismatch, an error in the history workload. Another peer's errors and wrong answers
-are its results: shown in the report, never fatal.
+error or mismatch, an error in the history workload; and a workload that was asked for but
+holds no duckfleet result at all (a run that measured nothing must not pass). Another peer's
+errors and wrong answers are its results: shown in the report, never fatal.
 """
 
 from __future__ import annotations
@@ -14,9 +15,13 @@ def _ours(name: str) -> bool:
     return name.startswith("duckfleet")
 
 
-def failures(out: dict) -> list[str]:
+def failures(out: dict, workloads: set[str]) -> list[str]:
     found = [f"{name}: unavailable: {why}" for name, why in out["unavailable"].items()
              if _ours(name.split(" ")[-1])]
+    results = {"dashboard": out["dashboard"], "large": out["large"],
+               "tpch": out.get("tpch", {}).get("peers", {}), "history": out.get("history", {}).get("peers", {})}
+    found += [f"{w}: no duckfleet result" for w in sorted(workloads & set(results))
+              if not any(_ours(name) for name in results[w])]
     for name, rows in out["dashboard"].items():
         if not _ours(name):
             continue
