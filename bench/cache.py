@@ -41,9 +41,9 @@ def mix(tmp: Path, data: Path, workers: int, cache: bool, duration: float, runs:
         reference: Reference) -> dict:
     name = f"duckfleet-cache-{'on' if cache else 'off'}"
     segments = mixcheck.plan([32], runs, duration)
-    reference.expect(mixcheck.to_expect(segments))
+    reference.expect(mixcheck.to_expect(segments, mixcheck.warm_queries()))
     with servers.duckfleet(name, tmp, data, workers, CACHE_ON if cache else "") as peer:
-        result = workloads.dashboard(peer, segments, duration, reference)
+        result = workloads.dashboard(peer, segments, duration, reference, mixcheck.warm_queries())
         out = result["32"]
         out["warm_up_wrong"] = result["warm_up_wrong"]
         out["cache"] = json.loads(_request(peer.port, "GET", "/api/v1/cache/stats")[1])

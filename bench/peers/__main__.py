@@ -113,7 +113,7 @@ def run_dashboard_and_large(tmp: Path, cfg: dict, cores: int, workers: int, only
     if "dashboard" in only:
         started = time.perf_counter()
         reference = Reference(data)
-        expected = reference.expect(mixcheck.to_expect(segments))
+        expected = reference.expect(mixcheck.to_expect(segments, mixcheck.warm_queries()))
         out["answers_expected"] = {"queries": expected, "seconds": round(time.perf_counter() - started, 1)}
         print(f"[peers] expected answers: {expected} queries in {out['answers_expected']['seconds']} s", flush=True)
     try:
@@ -143,7 +143,7 @@ def _demo_peer(spec: Spec, cfg: dict, segments, reference, only: set, out: dict)
             if name.startswith("duckfleet"):
                 out["fleet_pids"] += peer.pids
             if want_dash:
-                out["dashboard"][name] = workloads.dashboard(peer, segments, cfg["duration"], reference)
+                out["dashboard"][name] = workloads.dashboard(peer, segments, cfg["duration"], reference, mixcheck.warm_queries())
                 out["dashboard"][name]["notes"] = peer.notes
                 out["dashboard"][name]["rss_before_mb"] = peer.rss_before_mb
             if want_large:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from bench.answers import Reference, check_answer
-from bench.peers.dashboard import DEMO, NOW0, PANELS, WINDOWS, DashboardMix, panel_sql
+from bench.peers.dashboard import DEMO, PANELS, WINDOWS, DashboardMix, MixConfig, panel_sql
 from bench.peers.loadgen import Reply
 
 SAMPLE_EVERY = 10
@@ -47,28 +47,34 @@ class Segment:
         its = [iter(s) for s in self.sequences]
         return lambda n: next(its[n], None)
 
+    def spelled(self, spell) -> "Segment":
+        """The same segment with every query rewritten by `spell` (bench.peers' history)."""
+        return dataclasses.replace(self, sequences=tuple(tuple(map(spell, s)) for s in self.sequences))
 
-def plan(concurrencies: list[int], runs: int, duration: float) -> list[Segment]:
+
+def plan(concurrencies: list[int], runs: int, duration: float, config: MixConfig = DEMO) -> list[Segment]:
+    """Segment i's "now" is config.now0 + i minutes."""
     segments = []
     for run in range(runs):
         for c in concurrencies:
-            config = dataclasses.replace(DEMO, now0=NOW0 + timedelta(minutes=len(segments)))
+            at = dataclasses.replace(config, now0=config.now0 + timedelta(minutes=len(segments)))
             length = math.ceil(duration * MAX_QPS / c)
-            mixes = [DashboardMix(seed=run * 10_000 + c * 100 + n, epoch=None, config=config)
+            mixes = [DashboardMix(seed=run * 10_000 + c * 100 + n, epoch=None, config=at)
                      for n in range(c)]
-            segments.append(Segment(run, c, config.now0,
+            segments.append(Segment(run, c, at.now0,
                                     tuple(tuple(m.next() for _ in range(length)) for m in mixes)))
     return segments
 
 
-def warm_queries() -> list[str]:
-    return [panel_sql(panel, NOW0, next(iter(WINDOWS))) for panel in PANELS]
+def warm_queries(config: MixConfig = DEMO) -> list[str]:
+    """Every panel once, a live 1 h window: the warm-up every peer gets."""
+    return [panel_sql(panel, config.now0, next(iter(WINDOWS))) for panel in PANELS]
 
 
-def to_expect(segments: list[Segment]) -> set[str]:
+def to_expect(segments: list[Segment], warm: list[str]) -> set[str]:
     """Every query whose answer may be checked."""
-    counts = collections.Counter(warm_queries())
-    sampled = set(warm_queries())
+    counts = collections.Counter(warm)
+    sampled = set(warm)
     for segment in segments:
         for sequence in segment.sequences:
             counts.update(sequence)

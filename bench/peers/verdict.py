@@ -3,9 +3,9 @@
 Read from the run's results after the fact, so no workload can forget to report: duckfleet
 (every peer whose name starts with "duckfleet", cache on or off) failing to start, an error or
 a wrong answer in the dashboard mix (warm-up included), a large result that failed, a TPC-H
-error or mismatch, an error in the history workload; and a workload that was asked for but
-holds no duckfleet result at all (a run that measured nothing must not pass). Another peer's
-errors and wrong answers are its results: shown in the report, never fatal.
+error or mismatch, an error or a wrong answer in the history workload; and a workload that was
+asked for but holds no duckfleet result at all (a run that measured nothing must not pass).
+Another peer's errors and wrong answers are its results: shown in the report, never fatal.
 """
 
 from __future__ import annotations
@@ -47,9 +47,14 @@ def failures(out: dict, workloads: set[str]) -> list[str]:
     for name, r in out.get("history", {}).get("peers", {}).items():
         if not _ours(name):
             continue
+        found += [f"{name} history warm-up: wrong answer {e['wrong']} to {e['sql'][:120]}"
+                  for e in r.get("warm_up_wrong", [])]
         for key, row in r.items():
             if isinstance(row, dict) and row.get("errors"):
                 found.append(f"{name} history {key}: {row['errors']} errors {row.get('error_kinds', '')}")
+            if isinstance(row, dict) and row.get("answers", {}).get("wrong"):
+                found.append(f"{name} history {key}: {row['answers']['wrong']} wrong answers, "
+                             f"e.g. {row['answers']['wrong_examples'][:2]}")
         for form, row in r.get("last_hour", {}).items():
             if row["errors"]:
                 found.append(f"{name} history last hour ({form}): {row['errors']} errors of {row['count']}")

@@ -25,10 +25,11 @@ LARGE = {n: f"SELECT i, i * 2 AS j, i % 7 AS k FROM range({n}) t(i)" for n in (1
 SLOW_S = 15.0
 
 
-def warm(peer: Peer, reference: Reference) -> list[dict]:
-    """Every panel once; its answer checked. An error is raised (the peer cannot be measured)."""
+def warm(peer: Peer, reference: Reference, queries: list[str]) -> list[dict]:
+    """Each query once (mixcheck.warm_queries: every panel); its answer checked. An error is
+    raised (the peer cannot be measured)."""
     wrong = []
-    for sql in mixcheck.warm_queries():
+    for sql in queries:
         if peer.kind == "http":
             status, body = post(peer.port, "/api/v1/query", sql)
             if status != 200:
@@ -48,9 +49,10 @@ def warm(peer: Peer, reference: Reference) -> list[dict]:
     return wrong
 
 
-def dashboard(peer: Peer, segments: list[mixcheck.Segment], duration: float, reference: Reference) -> dict:
-    """{concurrency: summary over runs, "warm_up_wrong": [...]}."""
-    warm_wrong = warm(peer, reference)
+def dashboard(peer: Peer, segments: list[mixcheck.Segment], duration: float, reference: Reference,
+              warm_sql: list[str]) -> dict:
+    """{concurrency: summary over runs, "warm_up_wrong": [...]}; warm_sql first (may be empty)."""
+    warm_wrong = warm(peer, reference, warm_sql)
     per_c: dict[int, list[dict]] = {}
     for segment in segments:
         keeper = mixcheck.Keeper()
