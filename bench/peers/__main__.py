@@ -41,8 +41,6 @@ from bench.peers.quack_probe import attach_probe
 from engine.demo import write_demo
 
 CACHE_CONFIG = "[query_cache]\nenabled = true\nttl_seconds = 60\n"
-
-
 ARC_CACHE_TTL_S = 60  # Arc's production guide: [query_cache] ttl_seconds = 60
 
 
