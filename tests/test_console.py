@@ -6,9 +6,9 @@ works and a wrong token is refused; markup in a column name or a value stays tex
 `server.console = false` the routes are gone.
 
 Browser: Debian's `chromium` and `chromium-driver`. Where they (or selenium) are missing these
-tests skip, saying so, unless DUCKFLEET_REQUIRE_BROWSER=1 (.ci/run sets it): then they fail.
+tests skip, saying so, unless REQUIRE_BROWSER_TESTS=1 (.ci/run sets it): then they fail.
 On a failure, screenshots of each view go to a folder the failure names. With
-DUCKFLEET_CONSOLE_DOCS=1 the tests rewrite the README's screenshots (docs/console-*.png).
+CONSOLE_DOCS_SCREENSHOTS=1 the tests rewrite the README's screenshots (docs/console-*.png).
 """
 
 from __future__ import annotations
@@ -23,10 +23,11 @@ import duckdb
 import pytest
 
 from engine import tokens
+from gateway import console
 from tests.harness import REPO, Server, assert_no_leaks, wait_for
 
-REQUIRE_BROWSER = os.environ.get("DUCKFLEET_REQUIRE_BROWSER") == "1"
-WRITE_DOCS = os.environ.get("DUCKFLEET_CONSOLE_DOCS") == "1"
+REQUIRE_BROWSER = os.environ.get("REQUIRE_BROWSER_TESTS") == "1"
+WRITE_DOCS = os.environ.get("CONSOLE_DOCS_SCREENSHOTS") == "1"
 WAIT_S = 30  # the longest any page state is waited for
 VIEWS = ("catalog", "query", "fleet", "running")
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -55,7 +56,7 @@ def browser(tmp_path_factory):
     reason = _missing_browser()
     if reason:
         if REQUIRE_BROWSER:
-            pytest.fail(f"DUCKFLEET_REQUIRE_BROWSER=1 but {reason}")
+            pytest.fail(f"REQUIRE_BROWSER_TESTS=1 but {reason}")
         pytest.skip(reason)
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
@@ -167,7 +168,7 @@ class Page:
         self.driver.save_screenshot(str(folder / f"{name}.png"))
 
     def document(self, view: str) -> None:
-        """The README's screenshot of a view, when DUCKFLEET_CONSOLE_DOCS=1 asks for it."""
+        """The README's screenshot of a view, when CONSOLE_DOCS_SCREENSHOTS=1 asks for it."""
         if WRITE_DOCS:
             self.screenshot(REPO / "docs", f"console-{view}")
 
@@ -220,10 +221,10 @@ def test_page_loads_clean_and_lists_the_catalog(page):
     assert tables == {("default", "cpu"), ("default", "disk"), ("default", "mem"),
                       ("weird", "markup")}
     cpu = page.find_all("details.table-card")[0]
-    assert "336,000 rows · 168 files" in cpu.text
+    assert "336,000 rows · 168 files · 3.2 MiB" in cpu.text
     cpu.find_element("css selector", "summary .name").click()
     page.wait(lambda d: "usage_user" in cpu.text and "DOUBLE" in cpu.text, "cpu's columns")
-    assert "2025-10-31T23:59:59.999999+00:00" in cpu.text  # its time range
+    assert "time 2025-10-31T23:59:59.999999+00:00 … 2025-11-07T23:59:42.000001+00:00" in cpu.text
     page.document("catalog")
     page.view("fleet")
     pids = {str(pid) for pid in page.server.worker_pids()}
@@ -377,3 +378,12 @@ def test_console_off_removes_its_routes(make_server):
     assert srv.get("/api/v1/catalog").status == 200
     paths = srv.get("/api/v1/openapi.json").json()["paths"]
     assert "/" not in paths and "/console" not in paths and "/api/v1/query" in paths
+
+
+def test_every_file_of_the_console_is_served():
+    """What static/ holds is what the routes serve (and uPlot's licence, which travels with it);
+    pyproject's package data takes static/* into a wheel."""
+    static = {path.name for path in (REPO / "gateway" / "console" / "static").iterdir()}
+    assert static == {console.PAGE, *console.ASSETS, "uPlot.LICENSE"}
+    served = {route.path for route in console.routes()}
+    assert served == console.PATHS

@@ -34,6 +34,7 @@
   }
 
   const number = (n) => (n === null || n === undefined ? "–" : Number(n).toLocaleString("en-US"));
+  const count = (n, one, many) => `${number(n)} ${n === 1 ? one : many}`;
 
   function bytes(n) {
     if (n === null || n === undefined) return "–";
@@ -126,23 +127,19 @@
     for (const name of VIEWS) $(`view-${name}`).hidden = name !== view;
     for (const tab of $("tabs").children) tab.classList.toggle("active", tab.dataset.view === view);
     writeUrl();
-    if (view === "fleet") refreshFleet();
-    if (view === "running") refreshRunning();
+    if (view === "fleet") attempt(refreshFleet, "fleet-status");
+    if (view === "running") attempt(refreshRunning, "running-status");
     if (view === "query") $("sql").focus();
   }
 
-  // Each poller waits for its previous call to finish before the next is scheduled; a failed
-  // call (the server is gone) is said in the status line it names.
+  // A refresh that fails (the server is gone) says so in the status line it names.
+  function attempt(task, status) {
+    return task().catch((error) => { $(status).textContent = `Not refreshed: ${error}`; });
+  }
+
+  // Each poller waits for its previous call to finish before the next is scheduled.
   function every(ms, status, task) {
-    const tick = async () => {
-      try {
-        await task();
-      } catch (error) {
-        $(status).textContent = `Not refreshed: ${error}`;
-      } finally {
-        setTimeout(tick, ms);
-      }
-    };
+    const tick = () => attempt(task, status).then(() => setTimeout(tick, ms));
     setTimeout(tick, ms);
   }
 
@@ -166,13 +163,13 @@
       show("query");
       run();
     };
-    const range = t.time_min ? `${t.time_column}: ${t.time_min} … ${t.time_max}` : "no time range";
+    const range = t.time_min ? ` · ${t.time_column} ${t.time_min} … ${t.time_max}` : "";
     return el("details", {class: "table-card"},
       el("summary", {},
         el("span", {class: "name"}, t.name),
-        el("span", {class: "meta"}, `${number(t.rows)} rows · ${number(t.files)} files · ${bytes(t.bytes)}`),
+        el("span", {class: "meta"}, `${count(t.rows, "row", "rows")} · ${count(t.files, "file", "files")} · ` +
+          `${bytes(t.bytes)}${range}`),
         el("button", {type: "button", class: "query-table", onclick: open}, "Query")),
-      el("p", {class: "meta"}, range),
       t.error ? el("p", {class: "error-text"}, t.error) : null,
       el("table", {class: "grid columns"},
         el("thead", {}, el("tr", {}, el("th", {}, "column"), el("th", {}, "type"))),
@@ -207,7 +204,7 @@
   // --- query: run, cancel, download, result table, chart ---
 
   function requestId() {
-    const random = new Uint8Array(12);
+    const random = new Uint8Array(8);
     crypto.getRandomValues(random);
     return `console-${Array.from(random, (b) => b.toString(16).padStart(2, "0")).join("")}`;
   }
@@ -426,13 +423,13 @@
     if (mine && mine.progress !== null) $("query-progress").value = mine.progress;
     if (state.view !== "running") return;
     $("running-status").textContent = queries.length
-      ? `${queries.length} ${queries.length === 1 ? "query" : "queries"} · updated ${new Date().toLocaleTimeString()}`
+      ? `${count(queries.length, "query", "queries")} · updated ${new Date().toLocaleTimeString()}`
       : "No query is waiting, running or being sent.";
-    table($("running-list"), ["request id", "token", "priority", "state", "worker", "elapsed", "rows", "progress", "SQL", ""],
-      queries.map((q) => [q.request_id, q.token ?? "–", q.priority, q.state, q.worker ?? "–",
-        `${(q.elapsed_ms / 1000).toFixed(1)} s`, number(q.rows), progressCell(q),
-        el("code", {class: "sql-head", title: q.sql}, q.sql),
-        el("button", {type: "button", class: "cancel-query", onclick: () => cancelListed(q.request_id)}, "Cancel")]));
+    table($("running-list"), ["", "progress", "state", "elapsed", "rows", "worker", "priority", "token", "SQL", "request id"],
+      queries.map((q) => [
+        el("button", {type: "button", class: "cancel-query", onclick: () => cancelListed(q.request_id)}, "Cancel"),
+        progressCell(q), q.state, `${(q.elapsed_ms / 1000).toFixed(1)} s`, number(q.rows), q.worker ?? "–",
+        q.priority, q.token ?? "–", el("code", {class: "sql-head", title: q.sql}, q.sql), q.request_id]));
   }
 
   // --- fleet ---
