@@ -270,6 +270,34 @@ def test_query_rows_match_the_api(page):
 
 
 @shots_on_failure
+def test_downloads_hold_the_whole_result(page, tmp_path):
+    import pyarrow as pa
+    import pyarrow.csv
+    import pyarrow.parquet
+
+    folder = tmp_path / "downloads"
+    folder.mkdir()
+    page.driver.execute_cdp_cmd("Browser.setDownloadBehavior",
+                                {"behavior": "allow", "downloadPath": str(folder)})
+    page.open()
+    sql = "SELECT host, count(*) AS n, max(usage_user) AS top FROM cpu GROUP BY host ORDER BY host"
+    page.run(sql)
+    page.finished()
+    expected = page.server.query(sql).json()["data"]
+    readers = {"csv": pa.csv.read_csv, "parquet": pa.parquet.read_table,
+               "arrows": lambda path: pa.ipc.open_stream(path.read_bytes()).read_all()}
+    for option, extension in (("csv", "csv"), ("parquet", "parquet"), ("arrow", "arrows")):
+        page.find(f'#download-format option[value="{option}"]').click()
+        page.find("#download").click()
+        path = folder / f"duckfleet-result.{extension}"
+        page.wait(lambda d: path.exists() and page.text("#query-status").startswith("Downloaded"),
+                  f"the {option} file")
+        table = readers[extension](path)
+        assert [list(row.values()) for row in table.to_pylist()] == expected, option
+    assert page.errors() == []
+
+
+@shots_on_failure
 def test_time_series_chart_lives_in_the_url(page):
     page.open()
     sql = ("SELECT time_bucket(INTERVAL 1 hour, time) AS hour, avg(usage_user) AS usage_user, "

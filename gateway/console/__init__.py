@@ -23,7 +23,8 @@ PAGE = "index.html"
 PAGE_PATHS = ("/", "/console")
 # The files the page loads, served at /console/<name>, with their media types.
 ASSETS = {
-    "console.js": "text/javascript; charset=utf-8",
+    "console.js": "text/javascript; charset=utf-8",  # an ES module; it imports chart.js
+    "chart.js": "text/javascript; charset=utf-8",
     "console.css": "text/css; charset=utf-8",
     "uPlot.iife.min.js": "text/javascript; charset=utf-8",
     "uPlot.min.css": "text/css; charset=utf-8",
