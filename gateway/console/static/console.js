@@ -41,9 +41,17 @@ function bytes(n) {
   return `${n.toFixed(i ? 1 : 0)} ${units[i]}`;
 }
 
+// Integers past 2**53 keep every digit (as BigInt) where the browser hands a reviver the source
+// text; they are written back as bare numbers.
+const exactIntegers = (key, value, context) => (
+  Number.isInteger(value) && !Number.isSafeInteger(value) && context && /^-?\d+$/.test(context.source)
+    ? BigInt(context.source) : value);
+const bareBigInts = (key, value) => (
+  typeof value === "bigint" ? (JSON.rawJSON ? JSON.rawJSON(String(value)) : String(value)) : value);
+
 function cellText(value) {
   if (value === null) return "NULL";
-  if (typeof value === "object") return JSON.stringify(value);
+  if (typeof value === "object") return JSON.stringify(value, bareBigInts);
   return String(value);
 }
 
@@ -261,7 +269,7 @@ async function run() {
       return;
     }
     let body;
-    try { body = JSON.parse(text); } catch { body = text; }
+    try { body = JSON.parse(text, exactIntegers); } catch { body = text; }
     if (!response.ok || !body.success) {
       clearResult();
       $("query-status").textContent = `Failed after ${took.toFixed(0)} ms (request ${id}).`;
