@@ -91,7 +91,8 @@ def data(tmp_path_factory, demo_dir):
 
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory, data):
-    server = Server(tmp_path_factory.mktemp("console-srv"), data, workers=2).start()
+    server = Server(tmp_path_factory.mktemp("console-srv"), data, workers=2,
+                    config="[query_cache]\nenabled = true\n").start()
     yield server
     assert server.stop() == 0
     assert_no_leaks(server)
@@ -155,6 +156,12 @@ class Page:
         rows = [[td.text for td in tr.find_elements("css selector", "td")]
                 for tr in self.find_all("#result tbody tr")]
         return head, rows
+
+    def terms(self, css: str) -> dict[str, str]:
+        """A definition list's terms and their values."""
+        return self.driver.execute_script(
+            "return Object.fromEntries(Array.from(document.querySelectorAll(arguments[0] + ' dt'),"
+            " dt => [dt.textContent, dt.nextElementSibling.textContent]))", css)
 
     def errors(self, *answered: int) -> list[dict]:
         """The console's errors since the last call, but Chromium's note of each API answer
@@ -226,13 +233,23 @@ def test_page_loads_clean_and_lists_the_catalog(page):
     page.wait(lambda d: "usage_user" in cpu.text and "DOUBLE" in cpu.text, "cpu's columns")
     assert "time 2025-10-31T23:59:59.999999+00:00 … 2025-11-07T23:59:42.000001+00:00" in cpu.text
     page.document("catalog")
+    for _ in range(2):  # a miss, then a hit
+        assert page.server.query("SELECT count(*) AS n FROM mem").status == 200
+    cache = page.server.get("/api/v1/cache/stats").json()
+    assert cache["hits"] >= 1 and cache["entries"] >= 1
     page.view("fleet")
     pids = {str(pid) for pid in page.server.worker_pids()}
     page.wait(lambda d: {row.find_elements("css selector", "td")[1].text
                          for row in page.find_all("#fleet-workers tbody tr")} == pids,
               "both workers in the fleet view")
-    assert "queue depth" in page.text("#fleet-summary")
-    assert "off (query_cache.enabled)" in page.text("#fleet-cache")
+    shown = page.terms("#fleet-cache")
+    assert (shown["hits"], shown["entries"]) == (str(cache["hits"]), str(cache["entries"]))
+    stats = page.server.stats()
+    summary = page.terms("#fleet-summary")
+    assert summary["workers"] == f"{stats['worker_count']} ({stats['busy']} busy, {stats['idle']} idle)"
+    assert summary["queue depth"] == "0 (high 0, normal 0, low 0)"
+    rss = page.find_all("#fleet-workers meter")
+    assert len(rss) == 2 and all(float(m.get_attribute("value")) > 0 for m in rss)
     page.document("fleet")
     page.view("running")
     page.wait(lambda d: "No query is" in page.text("#running-status"), "the empty running list")
