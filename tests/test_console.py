@@ -341,6 +341,14 @@ def test_time_series_chart_lives_in_the_url(page):
     page.driver.get(link)  # the link alone: the query runs and its chart is drawn again
     page.wait(lambda d: page.find_all("#chart canvas"), "the chart from the link")
     assert page.find("#sql").get_attribute("value") == sql
+    # One text column with a few values: a line for each.
+    page.run("SELECT time_bucket(INTERVAL 1 hour, time) AS hour, host, avg(usage_user) AS usage "
+             "FROM cpu WHERE host IN ('server01', 'server02') GROUP BY ALL ORDER BY hour, host")
+    assert page.finished().startswith("336 rows")
+    page.wait(lambda d: "usage server02" in page.text("#chart .u-legend"), "a line per host")
+    labels = page.driver.execute_script(
+        "return Array.from(document.querySelectorAll('#chart .u-legend .u-label'), e => e.textContent)")
+    assert labels[1:] == ["usage server01", "usage server02"]
     assert page.errors() == []
 
 
