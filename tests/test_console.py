@@ -14,6 +14,7 @@ CONSOLE_DOCS_SCREENSHOTS=1 the tests rewrite the README's screenshots (docs/cons
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import os
 import shutil
@@ -40,9 +41,7 @@ MARKUP_VALUE = "<b>bold</b>"
 
 
 def _missing_browser() -> str | None:
-    try:
-        import selenium  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("selenium") is None:
         return "selenium is not installed (pip install -e '.[test]')"
     missing = [name for name in ("chromium", "chromedriver") if shutil.which(name) is None]
     if missing:
