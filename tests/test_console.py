@@ -383,7 +383,7 @@ def test_long_query_shows_progress_and_is_cancelled_from_the_page(page):
 
 @shots_on_failure
 def test_markup_from_the_data_stays_text(page):
-    page.open()
+    page.open("console")  # the page's other address: its files and API calls resolve alike
     page.wait(lambda d: len(page.find_all("details.table-card")) >= 4, "the catalog")
     card = [c for c in page.find_all("details.table-card")
             if c.find_element("css selector", "summary .name").text == "markup"][0]
