@@ -9,7 +9,8 @@ whose files have more than one schema (`evolved`, from the file index) is read b
 (union_by_name): it is the union of its files' columns as its schema grows. That costs a read
 of every file's footer when the view is made, so tables of one schema are read without it.
 Which directories are tables is decided by engine/index.py's rules (a directory named
-x.parquet is not a file). Queries the gateway prunes read explicit file lists instead.
+x.parquet is not a file); on object storage (data_dir "s3://bucket/prefix") the caller lists
+the prefix and passes the table keys. Queries the gateway prunes read explicit file lists.
 
 A worker may also load a part of the catalog: only the given databases (Arc databases and
 attached ones, by name), for a token limited to them. `directories` then names only those
@@ -18,8 +19,6 @@ else under data_dir can be read by any route, views or table functions alike.
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 from engine.config import CatalogConfig
 from engine.index import table_keys
@@ -33,10 +32,11 @@ def _literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def databases(data_dir: str) -> dict[str, list[str]]:
-    """{database: [measurement, ...]} for every directory pair with a valid name."""
+def databases(data_dir: str, keys: list[str] | None = None) -> dict[str, list[str]]:
+    """{database: [measurement, ...]} for every directory pair with a valid name (or for these
+    '<database>/<measurement>' keys, listed by the caller)."""
     found: dict[str, list[str]] = {}
-    for key in table_keys(data_dir):
+    for key in table_keys(data_dir) if keys is None else keys:
         db, measurement = key.split("/")
         found.setdefault(db, []).append(measurement)
     return found
@@ -46,23 +46,25 @@ def _in_scope(name: str, scope: list[str] | None) -> bool:
     return scope is None or name in scope
 
 
-def directories(catalog: CatalogConfig, scope: list[str] | None = None) -> list[str]:
+def directories(catalog: CatalogConfig, scope: list[str] | None = None,
+                keys: list[str] | None = None) -> list[str]:
     """The data directories a DuckDB instance loaded with this scope may read."""
     if scope is None:
         return [catalog.data_dir]
-    return [str(Path(catalog.data_dir, db)) for db in databases(catalog.data_dir) if db in scope]
+    return [f"{catalog.data_dir}/{db}" for db in databases(catalog.data_dir, keys) if db in scope]
 
 
 def boot_statements(catalog: CatalogConfig, scope: list[str] | None = None,
-                    evolved: set[str] | None = None) -> list[str]:
+                    evolved: set[str] | None = None, keys: list[str] | None = None) -> list[str]:
     """Schemas, views and attachments of the databases in scope (None: all), and the search
-    path. `evolved`: '<database>/<measurement>' of tables with several schemas (None: any)."""
+    path. `evolved`: '<database>/<measurement>' of tables with several schemas (None: any);
+    `keys`: the tables, when the caller listed them (object storage)."""
     statements = []
-    found = {db: m for db, m in databases(catalog.data_dir).items() if _in_scope(db, scope)}
+    found = {db: m for db, m in databases(catalog.data_dir, keys).items() if _in_scope(db, scope)}
     for db, measurements in found.items():
         statements.append(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(db)}")
         for m in measurements:
-            files = str(Path(catalog.data_dir, db, m)) + "/**/*.parquet"
+            files = f"{catalog.data_dir}/{db}/{m}/**/*.parquet"
             by_name = ", union_by_name = true" if evolved is None or f"{db}/{m}" in evolved else ""
             statements.append(f"CREATE VIEW {quote_ident(db)}.{quote_ident(m)} AS "
                               f"SELECT * FROM read_parquet({_literal(files)}{by_name})")

@@ -7,6 +7,7 @@ Any bad file, key or value raises ConfigError naming the key, before any process
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import tomllib
@@ -138,8 +139,26 @@ class CatalogConfig(_Section):
     index_file: str = ""  # "" = <data_dir>/.duckfleet-index; kept across restarts
     analyze_max_kb: PositiveInt = 64  # longer SQL runs as sent: not analyzed, cached or pruned
     demo: bool = True  # write the demo dataset when data_dir holds no database
+    refresh_s: PositiveFloat = 10.0  # object storage: how often the file index lists the prefix
     views: dict[str, str] = {}
     databases: dict[str, str] = {}  # name -> DuckDB file, attached read-only
+
+
+class S3Config(_Section):
+    """Object storage, when catalog.data_dir is "s3://bucket/prefix". Empty fields are taken
+    from the usual AWS_* variables at load. The secret never appears in a repr or a log."""
+    endpoint: str = ""  # host:port (a scheme, http:// or https://, is accepted); "" = AWS
+    region: str = ""
+    url_style: Literal["path", "vhost", ""] = ""  # "" = "path" with an endpoint, else "vhost"
+    use_ssl: bool = True
+    key_id: str = ""
+    secret: str = ""
+    session_token: str = ""
+
+    def __repr__(self) -> str:
+        return (f"S3Config(endpoint={self.endpoint!r}, region={self.region!r}, "
+                f"url_style={self.url_style!r}, use_ssl={self.use_ssl}, key_id={self.key_id!r}, "
+                "secret=<redacted>)")
 
 
 class Config(_Section):
@@ -151,6 +170,7 @@ class Config(_Section):
     query_cache: QueryCacheConfig = QueryCacheConfig()
     auth: AuthConfig = AuthConfig()
     catalog: CatalogConfig = CatalogConfig()
+    s3: S3Config = S3Config()
 
     @property
     def worker_count(self) -> int:
@@ -196,6 +216,8 @@ def load(path: str | os.PathLike | None, env: dict[str, str] | None = None,
     except msgspec.ValidationError as exc:
         raise ConfigError(_name_key(str(exc), path)) from None
     config = _resolve_paths(config, base)
+    if is_remote(config.catalog.data_dir):
+        config = _remote_storage(config, os.environ if env is None else env)
     if config.duckdb.memory_limit != "auto":
         parse_size(config.duckdb.memory_limit, "duckdb.memory_limit")
     if config.server.log_file:
@@ -232,12 +254,55 @@ def _name_key(message: str, path) -> str:
     return f"{path or 'configuration'}: {message}"
 
 
+def is_remote(data_dir: str) -> bool:
+    """Whether data_dir names object storage rather than a local directory."""
+    return data_dir.startswith("s3://")
+
+
+# [s3] fields filled from the environment when empty, as the AWS tools name them.
+_AWS_ENV = {"key_id": ("AWS_ACCESS_KEY_ID",), "secret": ("AWS_SECRET_ACCESS_KEY",),
+            "session_token": ("AWS_SESSION_TOKEN",), "region": ("AWS_REGION", "AWS_DEFAULT_REGION"),
+            "endpoint": ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")}
+_BUCKET = re.compile(r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/[A-Za-z0-9_\-][A-Za-z0-9_.\-]*)*/?$")
+
+
+def _remote_storage(config: Config, env) -> Config:
+    """An s3:// data_dir: a bucket and a clean prefix, credentials from [s3] or AWS_*, and an
+    index file on local disk (the bucket is read-only to us)."""
+    catalog, s3 = config.catalog, config.s3
+    if not _BUCKET.match(catalog.data_dir) or "/./" in catalog.data_dir + "/" \
+            or "/../" in catalog.data_dir + "/":
+        raise ConfigError(f"catalog.data_dir: {catalog.data_dir!r} is not s3://bucket or "
+                          "s3://bucket/prefix (letters, digits, '_', '-', '.' in each part)")
+    filled = {name: next((env[v] for v in names if env.get(v)), "")
+              for name, names in _AWS_ENV.items() if not getattr(s3, name)}
+    s3 = msgspec.structs.replace(s3, **{k: v for k, v in filled.items() if v})
+    endpoint = s3.endpoint
+    if endpoint.startswith(("http://", "https://")):
+        scheme, _, endpoint = endpoint.partition("://")
+        s3 = msgspec.structs.replace(s3, endpoint=endpoint.rstrip("/"), use_ssl=scheme == "https")
+    if "/" in s3.endpoint:
+        raise ConfigError(f"s3.endpoint: {s3.endpoint!r} must be host or host:port")
+    if not s3.url_style:
+        s3 = msgspec.structs.replace(s3, url_style="path" if s3.endpoint else "vhost")
+    if not s3.region:
+        s3 = msgspec.structs.replace(s3, region="us-east-1")
+    data_dir = catalog.data_dir.rstrip("/")
+    index_file = catalog.index_file
+    if not index_file:  # one file per bucket, prefix and endpoint, in the user's cache
+        cache = Path(env.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "duckfleet"
+        digest = hashlib.sha256(f"{s3.endpoint}|{data_dir}".encode()).hexdigest()[:16]
+        index_file = str(cache / f"index-{digest}")
+    catalog = msgspec.structs.replace(catalog, data_dir=data_dir, index_file=index_file)
+    return msgspec.structs.replace(config, catalog=catalog, s3=s3)
+
+
 def _resolve_paths(config: Config, base: Path) -> Config:
     catalog = config.catalog
     resolve = lambda p: str((base / p).resolve()) if p else p  # noqa: E731
     catalog = msgspec.structs.replace(
         catalog,
-        data_dir=resolve(catalog.data_dir),
+        data_dir=catalog.data_dir if is_remote(catalog.data_dir) else resolve(catalog.data_dir),
         index_file=resolve(catalog.index_file),
         databases={name: resolve(p) for name, p in catalog.databases.items()},
     )

@@ -9,7 +9,9 @@ conservative). A file without usable statistics has no bounds: pruning always ke
 Who runs it: the supervisor, in a child process before anything is spawned
 (`python -m engine.index`, which logs progress and writes the index file), so a server is ready
 only once its index is; the gateway, which loads that file at start and keeps it current from
-inotify events (gateway/catalog.py). Pure and synchronous: no asyncio, no DuckDB.
+inotify events, or for object storage from listings (gateway/catalog.py, gateway/listing.py).
+Pure and synchronous: no asyncio, no DuckDB. On object storage (`store`, engine/objectstore.py)
+the walk is one listing and footers are read by range requests, several at once.
 
 Persistence: one msgpack file (catalog.index_file, default <data_dir>/.duckfleet-index), written
 to a temporary name and renamed, keyed by path, size and mtime, so a restart reads only the
@@ -27,8 +29,12 @@ import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import msgspec
+
+if TYPE_CHECKING:
+    from engine.objectstore import Store
 
 FORMAT = 1
 NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")  # databases and measurements that become tables
@@ -63,11 +69,15 @@ class Snapshot(msgspec.Struct, frozen=True):
     files: list[FileEntry]
 
 
+Listing = dict[str, tuple[int, int]]  # relative path -> (size, mtime_ns)
+
+
 @dataclass
 class Index:
     """The live index: entries by relative path, schemas interned."""
     data_dir: Path
     time_column: str
+    store: "Store | None" = None  # object storage; None: data_dir is a local directory
     files: dict[str, FileEntry] = field(default_factory=dict)
     schemas: list[tuple[tuple[str, str], ...]] = field(default_factory=list)
     _schema_ids: dict[tuple[tuple[str, str], ...], int] = field(default_factory=dict)
@@ -75,9 +85,10 @@ class Index:
     # --- persistence ---
 
     @classmethod
-    def load(cls, data_dir: str | Path, time_column: str, path: str | Path) -> "Index":
+    def load(cls, data_dir: str | Path, time_column: str, path: str | Path,
+             store: "Store | None" = None) -> "Index":
         """The index file's content if it is readable and for this time column, else empty."""
-        index = cls(Path(data_dir), time_column)
+        index = cls(Path(data_dir), time_column, store)
         try:
             snap = msgspec.msgpack.decode(Path(path).read_bytes(), type=Snapshot)
         except (OSError, msgspec.DecodeError, msgspec.ValidationError):
@@ -105,18 +116,23 @@ class Index:
 
     # --- keeping it current ---
 
-    def refresh(self, progress=None) -> tuple[int, int]:
-        """Walk the whole layout: read new or changed footers, forget vanished files.
-        Returns (footers read, files dropped)."""
-        seen: dict[str, os.stat_result] = {}
-        for db in _subdirs(self.data_dir):
-            for measurement in _subdirs(db):
-                _walk(measurement, self.data_dir, seen)
+    def refresh(self, progress=None, listing: Listing | None = None) -> tuple[int, int]:
+        """Walk the whole layout (or take this listing of it): read new or changed footers,
+        forget vanished files. Returns (footers read, files dropped)."""
+        if listing is not None:
+            seen = listing
+        elif self.store is not None:
+            seen = self.store.list()
+        else:
+            seen = {}
+            for db in _subdirs(self.data_dir):
+                for measurement in _subdirs(db):
+                    _walk(measurement, self.data_dir, seen)
         return self._apply(seen, set(self.files) - set(seen), progress)
 
     def update(self, paths: set[str]) -> tuple[int, int]:
         """Look again at these relative paths (files or directories, as inotify named them)."""
-        seen: dict[str, os.stat_result] = {}
+        seen: Listing = {}
         gone: set[str] = set()
         for rel in paths:
             parts = rel.split("/")
@@ -128,30 +144,39 @@ class Index:
                     _walk(directory, self.data_dir, seen)
                 gone |= {p for p in self.files if p.startswith(prefix) and p not in seen}
             elif len(parts) > 2 and _is_parquet_file(full):
-                seen[rel] = full.stat()
+                st = full.stat()
+                seen[rel] = (st.st_size, st.st_mtime_ns)
             else:  # removed: a file, or a directory and everything under it
                 gone |= {p for p in self.files if p == rel or p.startswith(prefix)}
         return self._apply(seen, gone)
 
-    def _apply(self, seen: dict[str, os.stat_result], gone: set[str], progress=None):
-        todo = [(rel, st) for rel, st in seen.items()
-                if (old := self.files.get(rel)) is None
-                or (old.size, old.mtime_ns) != (st.st_size, st.st_mtime_ns)]
-        for n, (rel, st) in enumerate(todo, 1):
-            self.files[rel] = self._read(rel, st)
+    def _apply(self, seen: Listing, gone: set[str], progress=None):
+        todo = [rel for rel, facts in seen.items()
+                if (old := self.files.get(rel)) is None or (old.size, old.mtime_ns) != facts]
+        for n, (rel, meta) in enumerate(self._footers(todo), 1):
+            self.files[rel] = self._entry(rel, *seen[rel], meta)
             if progress is not None and n % 1000 == 0:
                 progress(n, len(todo))
         for rel in gone:
             self.files.pop(rel, None)
         return len(todo), len(gone)
 
-    def _read(self, rel: str, st: os.stat_result) -> FileEntry:
+    def _footers(self, rels: list[str]):
+        """(rel, footer metadata or the exception that reading it raised), in order."""
+        if self.store is not None:
+            yield from self.store.read_many(rels)
+            return
         import pyarrow.parquet as pq  # only where footers are read
 
-        try:
-            meta = pq.read_metadata(self.data_dir / rel)
-        except Exception:  # noqa: BLE001 - being written, truncated, not Parquet: no bounds
-            return FileEntry(rel, st.st_size, st.st_mtime_ns, 0, -1, "")
+        for rel in rels:
+            try:
+                yield rel, pq.read_metadata(self.data_dir / rel)
+            except Exception as exc:  # noqa: BLE001 - being written, truncated, not Parquet
+                yield rel, exc
+
+    def _entry(self, rel: str, size: int, mtime_ns: int, meta) -> FileEntry:
+        if isinstance(meta, Exception):  # no bounds: always scanned
+            return FileEntry(rel, size, mtime_ns, 0, -1, "")
         schema = meta.schema
         columns = tuple((schema.column(j).path, _type_name(schema.column(j)))
                         for j in range(len(schema)))
@@ -160,7 +185,7 @@ class Index:
             if schema.column(j).path == self.time_column:
                 kind, low, high = _bounds(meta, j, schema.column(j))
                 break
-        return FileEntry(rel, st.st_size, st.st_mtime_ns, meta.num_rows, self._intern(columns),
+        return FileEntry(rel, size, mtime_ns, meta.num_rows, self._intern(columns),
                          kind, low, high)
 
     def _intern(self, columns: tuple[tuple[str, str], ...]) -> int:
@@ -180,9 +205,11 @@ class Index:
         return found
 
 
-def table_keys(data_dir: str | Path) -> list[str]:
+def table_keys(data_dir: str | Path, store: "Store | None" = None) -> list[str]:
     """'<database>/<measurement>' of every directory pair holding at least one Parquet file:
-    the tables, by the same rules the index uses."""
+    the tables, by the same rules the index uses (on object storage: one listing)."""
+    if store is not None:
+        return sorted({"/".join(rel.split("/", 2)[:2]) for rel in store.list()})
     found = []
     for db in _subdirs(Path(data_dir)):
         for measurement in _subdirs(db):
@@ -238,7 +265,7 @@ def _is_parquet_file(path: Path) -> bool:
     return path.name.endswith(".parquet") and not path.name.startswith(".") and path.is_file()
 
 
-def _walk(directory: Path, root: Path, seen: dict[str, os.stat_result]) -> None:
+def _walk(directory: Path, root: Path, seen: Listing) -> None:
     try:
         entries = list(os.scandir(directory))
     except OSError:
@@ -250,7 +277,8 @@ def _walk(directory: Path, root: Path, seen: dict[str, os.stat_result]) -> None:
             _walk(Path(entry.path), root, seen)
         elif entry.name.endswith(".parquet") and entry.is_file(follow_symlinks=False):
             try:
-                seen[Path(entry.path).relative_to(root).as_posix()] = entry.stat()
+                st = entry.stat()
+                seen[Path(entry.path).relative_to(root).as_posix()] = (st.st_size, st.st_mtime_ns)
             except OSError:
                 pass  # gone again
 
@@ -293,11 +321,14 @@ def default_path(data_dir: str, index_file: str) -> Path:
     return Path(index_file) if index_file else Path(data_dir) / INDEX_NAME
 
 
-def build(data_dir: str, time_column: str, index_file: str, log) -> Index:
+def build(data_dir: str, time_column: str, index_file: str, log,
+          store: "Store | None" = None) -> Index:
     """Load, refresh and save: what a start does. Progress and the outcome go to `log`."""
     path = default_path(data_dir, index_file)
+    if store is not None:  # the index lives in a cache directory, not in the bucket
+        path.parent.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    index = Index.load(data_dir, time_column, path)
+    index = Index.load(data_dir, time_column, path, store)
     known = len(index.files)
     read, dropped = index.refresh(
         lambda n, total: log.info("index_progress", footers_read=n, of=total))
@@ -311,15 +342,23 @@ def build(data_dir: str, time_column: str, index_file: str, log) -> Index:
     return index
 
 
-def main(argv: list[str]) -> int:
-    """`python -m engine.index DATA_DIR TIME_COLUMN [INDEX_FILE [LOG_LEVEL [LOG_FILE]]]`
-    (run by the supervisor before it spawns anything)."""
-    from engine import log as log_mod
+def store_for(cfg) -> "Store | None":
+    """The object store a configuration's data_dir names, or None for a local directory."""
+    from engine.config import is_remote
+    from engine.objectstore import Store
 
-    data_dir, time_column, *rest = argv
-    rest += [""] * (3 - len(rest))
-    log = log_mod.setup("index", rest[1] or "info", rest[2])
-    build(data_dir, time_column, rest[0], log)
+    return Store(cfg.catalog.data_dir, cfg.s3) if is_remote(cfg.catalog.data_dir) else None
+
+
+def main(argv: list[str]) -> int:
+    """`python -m engine.index` with the resolved configuration (JSON) on standard input: run
+    by the supervisor before it spawns anything (credentials never reach a command line)."""
+    from engine import config as config_mod, log as log_mod
+
+    cfg = config_mod.decode(sys.stdin.buffer.read())
+    log = log_mod.setup("index", cfg.server.log_level, cfg.server.log_file)
+    catalog = cfg.catalog
+    build(catalog.data_dir, catalog.time_column, catalog.index_file, log, store_for(cfg))
     return 0
 
 

@@ -5,6 +5,8 @@ Used by the worker's main thread only (engine/worker.py). One instance holds the
 catalog; a token limited to some databases gets one of its own, whose sandbox admits only
 their directories, so what a token may read is decided by DuckDB's catalog and file checks.
 A setting that does not read back as set raises: the worker then refuses to serve.
+On object storage the instance loads httpfs and the storage credentials (a temporary secret,
+engine/objectstore.py) before the sandbox locks, and the tables come from one listing.
 """
 
 from __future__ import annotations
@@ -13,15 +15,15 @@ from pathlib import Path
 
 import duckdb
 
-from engine import catalog, config as config_mod, index, log as log_mod, sandbox
+from engine import catalog, config as config_mod, index, log as log_mod, objectstore, sandbox
 
 log = log_mod.get()
 MAX_EXPRESSION_DEPTH = 300
 
 
 def open_database(cfg: config_mod.Config, memory_limit: int, temp_dir: str,
-                  scope: list[str] | None = None,
-                  evolved: set[str] | None = None) -> duckdb.DuckDBPyConnection:
+                  scope: list[str] | None = None, evolved: set[str] | None = None,
+                  keys: list[str] | None = None) -> duckdb.DuckDBPyConnection:
     """A DuckDB instance: settings applied, catalog (or the scope's part) loaded, sandboxed,
     everything verified by reading it back."""
     Path(temp_dir).mkdir(mode=0o700, parents=True, exist_ok=True)  # DuckDB makes only the last level
@@ -37,7 +39,9 @@ def open_database(cfg: config_mod.Config, memory_limit: int, temp_dir: str,
     # query_progress() for GET /api/v1/queries (engine/progress.py), never printed.
     con.execute("SET enable_progress_bar = true")
     con.execute("SET enable_progress_bar_print = false")
-    for statement in catalog.boot_statements(cfg.catalog, scope, evolved):
+    if config_mod.is_remote(cfg.catalog.data_dir):
+        objectstore.attach_storage(con, cfg.catalog.data_dir, cfg.s3)
+    for statement in catalog.boot_statements(cfg.catalog, scope, evolved, keys):
         con.execute(statement)
     for statement in catalog.view_statements(cfg.catalog):
         try:
@@ -46,7 +50,7 @@ def open_database(cfg: config_mod.Config, memory_limit: int, temp_dir: str,
             if scope is None:
                 raise
             # The view reads a database out of this scope: it does not exist here.
-    directories = [*catalog.directories(cfg.catalog, scope), temp_dir]
+    directories = [*catalog.directories(cfg.catalog, scope, keys), temp_dir]
     sandbox.apply(con, directories)
     attached = [p for name, p in cfg.catalog.databases.items() if scope is None or name in scope]
     sandbox.verify(con, directories, attached)
@@ -68,10 +72,11 @@ class Instances:
 
     def __init__(self, cfg: config_mod.Config, memory_limit: int, temp_root: Path,
                  full: duckdb.DuckDBPyConnection, version: int = 0,
-                 evolved: set[str] | None = None):
+                 evolved: set[str] | None = None, keys: list[str] | None = None):
         self.cfg = cfg
         self.version = version  # engine.index.catalog_version of the tables it has views for
         self.evolved = evolved  # tables read by name (several schemas); None: all of them
+        self.keys = keys  # the tables, as listed on object storage; None: walk data_dir
         self.memory_limit = memory_limit
         self.temp_root = temp_root
         self.full = full
@@ -87,11 +92,13 @@ class Instances:
         data = cfg.catalog
         if evolved is None:
             evolved = index.evolved_tables(data.data_dir, data.time_column, data.index_file)
-        keys = index.table_keys(data.data_dir)
+        store = index.store_for(cfg)
+        keys = index.table_keys(data.data_dir, store)
         version = index.catalog_version(keys, keys if evolved is None else evolved)
+        listed = keys if store is not None else None
         return cls(cfg, memory_limit, temp_root,
-                   open_database(cfg, memory_limit, str(temp_root / "all"), None, evolved),
-                   version, evolved)
+                   open_database(cfg, memory_limit, str(temp_root / "all"), None, evolved, listed),
+                   version, evolved, listed)
 
     def get(self, scope: list[str] | None) -> duckdb.DuckDBPyConnection:
         if scope is None:
@@ -104,7 +111,8 @@ class Instances:
             self._close(next(iter(self._scoped)))
         self._opened += 1
         temp_dir = self.temp_root / f"scope-{self._opened}"
-        con = open_database(self.cfg, self.memory_limit, str(temp_dir), list(key), self.evolved)
+        con = open_database(self.cfg, self.memory_limit, str(temp_dir), list(key), self.evolved,
+                            self.keys)
         self._scoped[key] = (con, temp_dir)
         log.info("scope_opened", databases=list(key))
         return con

@@ -19,6 +19,12 @@ into. A tree too deep to decode is refused as a SQL error, like DuckDB's own dep
 `Checked` remembers the statements it found allowed, by text (the verdict depends on nothing
 else): a dashboard's queries, and a planned statement's text with markers (engine/sqltree.fill),
 are parsed and walked once, not per request.
+
+On object storage (`remote`: data_dir is "s3://bucket/prefix") every file a query names, in
+read_parquet/parquet_scan or as a replacement scan, must be a literal that
+engine/objectstore.check_url admits: DuckDB's own prefix check would pass dot segments and
+query strings on to a server that resolves them elsewhere, and an expression could build
+either, so the path is judged here, before DuckDB sees it.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import collections
 import duckdb
 
 from engine import allowlist
+from engine.objectstore import check_url
 from engine.errors import Kind, QueryError
 from engine.sqltree import parse_tree
 
@@ -37,8 +44,12 @@ _EXPLAIN_WORDS = {"EXPLAIN", "ANALYZE", "ANALYSE"}
 _COMPRESSION = (".gz", ".zst")
 
 
-def check(con: duckdb.DuckDBPyConnection, sql: str) -> None:
-    """Raise QueryError unless sql is exactly one read statement calling only what is allowed."""
+FILE_READERS = frozenset({"read_parquet", "parquet_scan"})
+
+
+def check(con: duckdb.DuckDBPyConnection, sql: str, remote: str | None = None) -> None:
+    """Raise QueryError unless sql is exactly one read statement calling only what is allowed
+    (and, with `remote`, naming only files under that prefix)."""
     try:
         statements = con.extract_statements(sql)
     except duckdb.Error as exc:
@@ -55,18 +66,19 @@ def check(con: duckdb.DuckDBPyConnection, sql: str) -> None:
             # Its profile names every file a view read, as the server's absolute paths.
             raise QueryError(Kind.FORBIDDEN, "EXPLAIN ANALYZE is not allowed: its profile shows "
                                              "the server's file paths (EXPLAIN is allowed)")
-        check(con, _strip_explain(statement.query))
+        check(con, _strip_explain(statement.query), remote)
         return
     if statement.type not in ALLOWED:
         raise QueryError(Kind.FORBIDDEN,
                          f"{statement.type.name} statements are not allowed: only reads run here")
-    check_calls(syntax_tree(con, statement.query))
+    check_calls(syntax_tree(con, statement.query), remote)
 
 
 class Checked:
     """Statements found allowed, at most `max_bytes` of their text, least recently used out."""
 
-    def __init__(self, max_bytes: int = 16 * 2**20):
+    def __init__(self, remote: str | None = None, max_bytes: int = 16 * 2**20):
+        self.remote = remote  # object storage: the prefix files must be under (see check)
         self.max_bytes = max_bytes
         self.bytes = 0
         self._texts: collections.OrderedDict[str, None] = collections.OrderedDict()
@@ -75,7 +87,7 @@ class Checked:
         if sql in self._texts:
             self._texts.move_to_end(sql)
             return
-        check(con, sql)
+        check(con, sql, self.remote)
         if len(sql) > self.max_bytes // 16:
             return  # a huge statement is rare; it would push out many usual ones
         self._texts[sql] = None
@@ -95,7 +107,7 @@ def syntax_tree(con: duckdb.DuckDBPyConnection, sql: str) -> dict:
     return tree
 
 
-def check_calls(tree: dict) -> None:
+def check_calls(tree: dict, remote: str | None = None) -> None:
     """Walk the syntax tree (iteratively: it can be deep) and refuse the first call not allowed."""
     stack: list = [tree]
     while stack:
@@ -108,16 +120,38 @@ def check_calls(tree: dict) -> None:
         kind = node.get("type")
         if kind == "TABLE_FUNCTION" and isinstance(node.get("function"), dict):
             function = node["function"]
-            _check_table_function(str(function.get("function_name", "")))
+            name = str(function.get("function_name", ""))
+            _check_table_function(name)
+            if remote and name.lower() in FILE_READERS:
+                for path in _literal_paths(name, (function.get("children") or [None])[0]):
+                    check_url(path, remote)
             stack.append(function.get("children"))
             stack.extend(v for k, v in node.items() if k != "function")
             continue
         if kind == "BASE_TABLE":
+            if remote:
+                check_url(str(node.get("table_name", "")), remote)
             _check_table(str(node.get("catalog_name", "")), str(node.get("schema_name", "")),
                          str(node.get("table_name", "")))
         elif node.get("class") in ("FUNCTION", "WINDOW", "AGGREGATE") and "function_name" in node:
             _check_function(str(node["function_name"]))
         stack.extend(v for v in node.values() if isinstance(v, (dict, list)))
+
+
+def _literal_paths(function: str, arg) -> list[str]:
+    """The file names of a reader's first argument: a string literal or a list of them."""
+    items = arg.get("children", []) if isinstance(arg, dict) and arg.get("class") == "FUNCTION" \
+        and arg.get("function_name") == "list_value" else [arg]
+    paths = []
+    for item in items:
+        value = item.get("value") if isinstance(item, dict) and item.get("class") == "CONSTANT" \
+            else None
+        if not isinstance(value, dict) or value.get("is_null") or \
+                not isinstance(value.get("value"), str):
+            raise _forbidden(f"{function}() of anything but string literals",
+                             "on object storage, files are named by literal paths")
+        paths.append(value["value"])
+    return paths
 
 
 def _forbidden(what: str, reason: str) -> QueryError:

@@ -60,6 +60,8 @@ def sweep_dead_runtime_dirs(base: Path) -> None:
 def ensure_demo_data(catalog_cfg: config_mod.CatalogConfig, asked: bool) -> None:
     """The demo dataset goes only where asked for (--demo), or into the configured data_dir
     when `demo = true` and it does not exist yet; an empty directory is served empty."""
+    if config_mod.is_remote(catalog_cfg.data_dir):
+        return  # object storage is written by others; an empty prefix is served empty
     data_dir = Path(catalog_cfg.data_dir)
     if catalog.databases(data_dir):
         return
@@ -78,7 +80,5 @@ def ensure_demo_data(catalog_cfg: config_mod.CatalogConfig, asked: bool) -> None
 def build_index(cfg: config_mod.Config) -> None:
     """The file index, before anything serves: read in a child (pyarrow, no DuckDB here),
     which logs progress and writes the index file the gateway then loads."""
-    catalog_cfg = cfg.catalog
-    subprocess.run([sys.executable, "-m", "engine.index", catalog_cfg.data_dir,
-                    catalog_cfg.time_column, catalog_cfg.index_file, cfg.server.log_level,
-                    cfg.server.log_file], check=True, stdin=subprocess.DEVNULL)
+    subprocess.run([sys.executable, "-m", "engine.index"], check=True,
+                   input=config_mod.encode(cfg))

@@ -476,13 +476,14 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, dict]:
     parser.add_argument("--host")
     parser.add_argument("--port", type=int)
     parser.add_argument("--workers", type=int, help="worker processes (default: one per core)")
-    parser.add_argument("--data-dir", help="catalog data directory (must exist)")
+    parser.add_argument("--data-dir", help="catalog data directory (must exist), or s3://bucket/prefix")
     parser.add_argument("--demo", action="store_true",
                         help="write the demo dataset into the data directory if it holds none")
     args = parser.parse_args(argv)
     overrides: dict[str, dict] = {}
-    data_dir = str(Path(args.data_dir).resolve()) if args.data_dir else None
-    if data_dir and not args.demo and not Path(data_dir).is_dir():
+    data_dir = args.data_dir if args.data_dir and config_mod.is_remote(args.data_dir) else \
+        str(Path(args.data_dir).resolve()) if args.data_dir else None
+    if data_dir and not args.demo and not config_mod.is_remote(data_dir) and not Path(data_dir).is_dir():
         parser.exit(2, f"--data-dir: {data_dir} is not a directory (add --demo to create it "
                        "with the demo dataset)\n")
     for section, key, value in (("server", "host", args.host), ("server", "port", args.port),

@@ -71,6 +71,8 @@ class Worker:
         self.worker_id = worker_id
         self.redact = redact  # takes the server's paths out of error messages
         self.cfg = cfg
+        # Object storage: the prefix every file a query names must be under (engine/policy.py).
+        self.remote = cfg.catalog.data_dir if config_mod.is_remote(cfg.catalog.data_dir) else None
         self.instances = instances
         self.sock = sock
         self._reopen = reopen  # () -> fresh Instances, settings applied and verified
@@ -97,7 +99,7 @@ class Worker:
                         if workers.rss_margin_mb else 0)
         self.watch = MemoryWatch(self.rss_cap, workers.rss_check_ms / 1000, self.over_memory)
         self.watch.start()
-        self.checked = policy.Checked()  # statements found allowed, checked once each
+        self.checked = policy.Checked(self.remote)  # statements found allowed, checked once each
         self.progress = ProgressReporter(workers.progress_ms / 1000, self.send)
         self.progress.start()
 
@@ -324,6 +326,9 @@ class Worker:
             if query.catalog and query.catalog != self.instances.version:
                 # A table came or went, or its files' schemas now differ.
                 self.reconnect(current_rss(), "tables_changed", set(query.evolved or ()))
+                # Its views come from a listing made now, no older than the gateway's: current
+                # for this version (else a listing that differs would reopen at every query).
+                self.instances.version = query.catalog
             con = self.instances.get(query.databases)
             with self._lock:
                 if self._interrupted == query.id:  # cancelled before DuckDB could be told

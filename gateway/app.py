@@ -136,7 +136,7 @@ async def serve(runtime: Path, supervisor_pid: int, listen_fds: list[int],
                   aging=queue.priority_aging_s, max_result_bytes=results.max_result_mb * 2**20,
                   batch_rows=results.batch_rows, stream_buffer=results.stream_buffer_mb * 2**20,
                   spills=spills if spills.budget else None, quarantine_s=queue.quarantine_s)
-    catalog = Catalog(cfg.catalog)
+    catalog = Catalog(cfg.catalog, cfg.s3)
     await catalog.start()  # the supervisor built the index file: this loads and checks it
     cache = make_cache(cfg, segments, catalog) if cfg.query_cache.enabled else None
     worker_socket = runtime / "workers.sock"
@@ -167,7 +167,7 @@ async def serve(runtime: Path, supervisor_pid: int, listen_fds: list[int],
 
     def reload() -> None:  # SIGHUP from the supervisor: it rewrote config.json
         new = config_mod.decode((runtime / "config.json").read_bytes())
-        task = asyncio.ensure_future(catalog.reconfigure(new.catalog))
+        task = asyncio.ensure_future(catalog.reconfigure(new.catalog, new.s3))
         reloads.add(task)
         task.add_done_callback(reloads.discard)
     loop.add_signal_handler(signal.SIGHUP, reload)

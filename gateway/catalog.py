@@ -4,7 +4,9 @@ Owns, in the gateway process:
   - the file index (engine/index.py), loaded from the file the supervisor's start-up build
     wrote, and kept current from inotify (gateway/watch.py): `poll()`, called on the event loop
     before every query, drains the kernel's queue, so a file written before a request arrives
-    is seen by it. Changes are applied to the index on the planning thread, before the next plan;
+    is seen by it. On object storage a listing every refresh_s does that job
+    (gateway/listing.py), and its listing is what the index applies. Changes are applied to the
+    index on the planning thread, before the next plan;
   - the tables it makes (`TableFiles`, one per <database>/<measurement>) and their version,
     which workers compare with theirs to create views for new tables (Query.catalog);
   - one planning thread with a private, sandboxed DuckDB connection, where every SQL analysis
@@ -33,11 +35,12 @@ from typing import Callable
 import duckdb
 import msgspec
 
-from engine import index as index_mod, log as log_mod, sandbox
-from engine.config import CatalogConfig
+from engine import index as index_mod, log as log_mod, objectstore, sandbox
+from engine.config import CatalogConfig, S3Config, is_remote
 from engine.sqltree import fill, parse_tree
 from gateway import prune, tables as tables_mod
 from gateway.sqlkey import Analysis, SqlAnalyzer
+from gateway.listing import ListingWatcher
 from gateway.tables import TableFiles
 from gateway.watch import DataWatcher
 
@@ -74,10 +77,11 @@ class Template:
 
 
 class Catalog:
-    def __init__(self, cfg: CatalogConfig):
+    def __init__(self, cfg: CatalogConfig, s3: S3Config = S3Config()):
         self.listeners: list[Callable[[set[str] | None], None]] = []
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="planner")
-        self.watcher: DataWatcher | None = None
+        self.watcher: DataWatcher | ListingWatcher | None = None
+        self.s3 = s3
         self.scanned_total = self.pruned_total = 0
         self.changes = 0  # change reports heard (on the loop): a plan made across one is redone
         self.applied = 0  # the changes the index holds (planning thread)
@@ -89,7 +93,8 @@ class Catalog:
         """Everything that follows from [catalog]."""
         self.cfg = cfg
         self.data_dir = cfg.data_dir
-        self.index = index_mod.Index(Path(cfg.data_dir), cfg.time_column)
+        self.store = objectstore.Store(cfg.data_dir, self.s3) if is_remote(cfg.data_dir) else None
+        self.index = index_mod.Index(Path(cfg.data_dir), cfg.time_column, self.store)
         self.index_path = index_mod.default_path(cfg.data_dir, cfg.index_file)
         self.tables: dict[str, TableFiles] = {}  # casefolded key
         self.version = index_mod.catalog_version([], [])  # changes with the set of tables
@@ -105,23 +110,30 @@ class Catalog:
     # --- life ---
 
     async def start(self) -> None:
-        self._watch(self.data_dir)  # first: a change during the first refresh is not lost
+        self._watch(self.cfg)  # first: a change during the first refresh is not lost
         await self._run(self._open)
 
-    def _watch(self, data_dir: str) -> None:
-        self.watcher = DataWatcher(data_dir, self._on_change)
+    def _watch(self, cfg: CatalogConfig) -> None:
+        if is_remote(cfg.data_dir):
+            store = objectstore.Store(cfg.data_dir, self.s3)
+            self.watcher = ListingWatcher(store, cfg.refresh_s, self._on_change)
+        else:
+            self.watcher = DataWatcher(cfg.data_dir, self._on_change)
         self.watcher.start()
 
-    async def reconfigure(self, cfg: CatalogConfig) -> None:
-        """SIGHUP changed [catalog]: new index, analyzer and watcher; listeners hear that
-        everything changed (the cache drops its entries). Queries keep being planned: by the
-        old catalog until the planning thread swaps it, by the new one after."""
-        if cfg == self.cfg:
+    async def reconfigure(self, cfg: CatalogConfig, s3: S3Config | None = None) -> None:
+        """SIGHUP changed [catalog] (or [s3]: rotated credentials): new index, analyzer and
+        watcher; listeners hear that everything changed (the cache drops its entries). Queries
+        keep being planned: by the old catalog until the planning thread swaps it, by the new
+        one after."""
+        s3 = self.s3 if s3 is None else s3
+        if cfg == self.cfg and s3 == self.s3:
             return
         old, self.watcher = self.watcher, None
         if old is not None:
             old.close()
-        self._watch(cfg.data_dir)
+        self.s3 = s3
+        self._watch(cfg)
         await self._run(self._reopen, cfg)
         for listener in self.listeners:
             listener(None)
@@ -145,9 +157,12 @@ class Catalog:
         self._scans = {by_name: statement(f"SELECT * FROM read_parquet(['x']{option}) AS t")[
             "node"]["from_table"] for by_name, option in ((True, ", union_by_name = true"),
                                                           (False, ""))}
+        if self.store is not None:  # before the sandbox locks: httpfs and the credentials
+            objectstore.attach_storage(con, self.data_dir, self.s3)
         sandbox.apply(con, [self.data_dir])  # reads footers of the data, nothing else
         self._con = con
-        self.index = index_mod.Index.load(self.data_dir, self.cfg.time_column, self.index_path)
+        self.index = index_mod.Index.load(self.data_dir, self.cfg.time_column, self.index_path,
+                                          self.store)
         self._pending = None  # everything: the first refresh
         self._apply_pending()
 
@@ -190,9 +205,13 @@ class Catalog:
         is done, `applied` lags `changes`, so no memoized plan is taken meanwhile."""
         seen = self.changes
         pending, self._pending = self._pending, set()
+        listing = getattr(self.watcher, "latest", None)  # object storage: the newest listing
         if pending is None:
-            read, dropped = self.index.refresh()
+            read, dropped = self.index.refresh(listing=listing)
             self._rebuild(bool(read or dropped or not self.tables))
+        elif pending and self.store is not None:
+            read, dropped = self.index.refresh(listing=listing)
+            self._rebuild(bool(read or dropped))
         elif pending:
             read, dropped = self.index.update(pending)
             self._rebuild(bool(read or dropped))
@@ -432,9 +451,13 @@ class Catalog:
             if allowed is None or table.database.casefold() in allowed:
                 databases.setdefault(table.database, []).append(
                     tables_mod.describe(self._con, table, self.cfg.time_column))
-        return {"databases": [{"name": db, "tables": found} for db, found in databases.items()],
-                "time_column": self.cfg.time_column,
-                "default_database": self.cfg.default_database}
+        found = {"databases": [{"name": db, "tables": found} for db, found in databases.items()],
+                 "time_column": self.cfg.time_column,
+                 "default_database": self.cfg.default_database}
+        if isinstance(self.watcher, ListingWatcher):  # how fresh this node's view of the store is
+            found["listing"] = {"refresh_s": self.cfg.refresh_s, "listings": self.watcher.listings,
+                                "failed": self.watcher.failed}
+        return found
 
     def stats(self) -> dict:
         return {"tables": len(self.tables), "files": len(self.index.files),

@@ -17,7 +17,7 @@ from pathlib import Path
 import duckdb
 
 from bench.common import RESULTS
-from bench.peers.extensions import load
+from engine.extensions import load
 
 DEMO_TABLES = ("cpu", "mem", "disk")
 TPCH_TABLES = ("customer", "lineitem", "nation", "orders", "part", "partsupp", "region", "supplier")

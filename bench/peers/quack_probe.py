@@ -14,7 +14,7 @@ import time
 import duckdb
 
 from bench.peers.dashboard import NOW0, PANELS, WINDOWS, DashboardMix, panel_sql
-from bench.peers.extensions import load
+from engine.extensions import load
 from bench.peers.loadgen import closed_loop
 from bench.peers.servers import QUACK_TOKEN, Peer, quack_uri
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import duckdb
 
-from bench.peers.extensions import load
+from engine.extensions import load
 
 
 def main(uri: str, token: str, boot_file: str, threads: str) -> None:

@@ -30,7 +30,7 @@ from typing import Callable
 import duckdb
 import psutil
 
-from bench.peers.extensions import load
+from engine.extensions import load
 from tests.harness import REPO, Server
 
 LOOPBACK = "127.0.0.1"

@@ -1,5 +1,8 @@
 """DuckDB extensions from their pip packages (duckdb-extension-<name>): nothing is downloaded.
 
+Used by workers and the gateway (httpfs, for object storage: engine/objectstore.py) and by the
+benchmarks (tpch, quack).
+
 Each package ships the binary at duckdb_extension_<name>/extensions/v<duckdb version>/; the
 version must match the running DuckDB exactly, so a mismatch fails here with the path.
 """
