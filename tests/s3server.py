@@ -13,6 +13,7 @@ import re
 import subprocess
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import boto3
@@ -56,16 +57,12 @@ class S3Server:
 
     def upload_tree(self, local: Path, prefix: str) -> int:
         """Every file under `local` to <prefix>/<its relative path>; returns how many."""
-        count = 0
-        for root, _, files in os.walk(local):
-            for name in files:
-                path = Path(root, name)
-                if name.startswith("."):
-                    continue
-                key = f"{prefix}/{path.relative_to(local).as_posix()}"
-                self.client.upload_file(str(path), self.bucket, key)
-                count += 1
-        return count
+        paths = [Path(root, name) for root, _, files in os.walk(local) for name in files
+                 if not name.startswith(".")]
+        with ThreadPoolExecutor(8) as pool:  # one request each: latency-bound
+            list(pool.map(lambda path: self.client.upload_file(
+                str(path), self.bucket, f"{prefix}/{path.relative_to(local).as_posix()}"), paths))
+        return len(paths)
 
     def put(self, key: str, body: bytes) -> None:
         self.client.put_object(Bucket=self.bucket, Key=key, Body=body)
