@@ -36,6 +36,7 @@ class ServerConfig(_Section):
     host: str = "127.0.0.1"
     port: Port = 8000
     unix_socket: str = ""  # also serve HTTP on this Unix socket path (sidecars)
+    unix_socket_mode: Annotated[str, Meta(pattern=r"^0?[0-7]{3}$")] = "0600"  # 0660: a group too
     runtime_dir: str = ""  # parent of the private runtime directory; "" = $XDG_RUNTIME_DIR or /tmp
     max_body_kb: PositiveInt = 1024
     shutdown_grace_s: PositiveFloat = 30.0

@@ -44,6 +44,8 @@ def bind_listeners(server: config_mod.ServerConfig) -> list[socket.socket]:
             listeners.append(socket.create_server(str(path), family=socket.AF_UNIX, backlog=1024))
         finally:
             os.umask(old_umask)
+        # Widened only now, if asked: a dashboard of another user in the socket's group.
+        os.chmod(path, int(server.unix_socket_mode, 8))
     for listener in listeners:
         listener.set_inheritable(True)
     return listeners
