@@ -103,7 +103,7 @@ class Cluster:
         _say(f"node {node.number}: restarting ({why})")
         self.start_node(node)
         self.wait_ready(node)
-        _say(f"node {node.number}: ready again on port {node.port}")
+        _say(f"node {node.number}: ready again on port {node.port} (pid {node.process.pid})")
 
     # --- the balancer ---
 
