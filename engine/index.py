@@ -78,6 +78,7 @@ class Index:
     data_dir: Path
     time_column: str
     store: "Store | None" = None  # object storage; None: data_dir is a local directory
+    rewritten: int = 0  # files seen again with another size or mtime (since this process began)
     files: dict[str, FileEntry] = field(default_factory=dict)
     schemas: list[tuple[tuple[str, str], ...]] = field(default_factory=list)
     _schema_ids: dict[tuple[tuple[str, str], ...], int] = field(default_factory=dict)
@@ -153,6 +154,7 @@ class Index:
     def _apply(self, seen: Listing, gone: set[str], progress=None):
         todo = [rel for rel, facts in seen.items()
                 if (old := self.files.get(rel)) is None or (old.size, old.mtime_ns) != facts]
+        self.rewritten += sum(rel in self.files for rel in todo)
         for n, (rel, meta) in enumerate(self._footers(todo), 1):
             self.files[rel] = self._entry(rel, *seen[rel], meta)
             if progress is not None and n % 1000 == 0:
@@ -218,12 +220,15 @@ def table_keys(data_dir: str | Path, store: "Store | None" = None) -> list[str]:
     return found
 
 
-def catalog_version(keys, evolved) -> int:
+def catalog_version(keys, evolved, rewritten: int = 0) -> int:
     """A number that changes when the set of tables does, or the set of those whose files have
     more than one schema (`evolved`); workers and the gateway compute it from their own
-    knowledge, so a worker knows when its views are out of date."""
+    knowledge, so a worker knows when its views are out of date. On object storage the gateway
+    also folds in how many objects it saw rewritten in place (`rewritten`): workers cache
+    objects' metadata and bytes, and a new version makes them open fresh instances."""
     evolved = set(evolved)
-    return zlib.crc32("\n".join(sorted(k + "*" * (k in evolved) for k in keys)).encode())
+    text = "\n".join(sorted(k + "*" * (k in evolved) for k in keys))
+    return zlib.crc32((text + f"\n#{rewritten}" if rewritten else text).encode())
 
 
 def evolved_tables(data_dir: str, time_column: str, index_file: str) -> set[str] | None:

@@ -54,10 +54,12 @@ def open_database(cfg: config_mod.Config, memory_limit: int, temp_dir: str,
     sandbox.apply(con, directories)
     attached = [p for name, p in cfg.catalog.databases.items() if scope is None or name in scope]
     sandbox.verify(con, directories, attached)
+    remote = {name: str(value) for name, value in objectstore.CACHED.items()} \
+        if config_mod.is_remote(cfg.catalog.data_dir) else {}  # as read_settings prints them
     verify_settings(con, {"threads": str(cfg.duckdb.threads), "memory_limit": memory_limit,
                           "temp_directory": temp_dir, "TimeZone": "UTC",
                           "max_expression_depth": str(MAX_EXPRESSION_DEPTH),
-                          "enable_progress_bar": "True"})
+                          "enable_progress_bar": "True", **remote})
     return con
 
 

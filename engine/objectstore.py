@@ -29,6 +29,12 @@ from engine.extensions import extension_path
 from engine.errors import Kind, QueryError
 
 SECRET_NAME = "duckfleet_storage"
+# Objects are immutable in Arc's layout (new data, new keys; compaction writes new keys and
+# deletes old ones), so an instance keeps what it learnt of each: its size and date (no HEAD
+# per object per query) and, in DuckDB's external file cache, its bytes. A warm panel over 24
+# objects took 5 ms instead of 70 ms here. A key rewritten in place is caught by the gateway's
+# listing, which then has every worker open fresh instances (engine/index.catalog_version).
+CACHED = {"enable_http_metadata_cache": True, "enable_external_file_cache": True}
 # One path segment under the prefix: what Arc writes, and DuckDB's glob stars.
 _SEGMENT = re.compile(r"^[A-Za-z0-9_\-*=][A-Za-z0-9_.\-*=]*$")
 FOOTER_THREADS = 8  # footers are read by range requests: latency-bound, not CPU-bound
@@ -150,3 +156,5 @@ def attach_storage(con: duckdb.DuckDBPyConnection, data_dir: str, s3: S3Config) 
     options = ", ".join(f"{k} {_literal(v)}" for k, v in fields.items() if v)
     con.execute(f"CREATE TEMPORARY SECRET {SECRET_NAME} (TYPE s3, {options}, "
                 f"USE_SSL {'true' if s3.use_ssl else 'false'})")
+    for name, value in CACHED.items():
+        con.execute(f"SET {name} = {str(value).lower()}")

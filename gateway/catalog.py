@@ -225,7 +225,8 @@ class Catalog:
         for table in tables.values():
             table.conflicts = self._conflicts(table)
         self.evolved = sorted(t.key for t in tables.values() if t.evolved)
-        self.version = index_mod.catalog_version([t.key for t in tables.values()], self.evolved)
+        self.version = index_mod.catalog_version([t.key for t in tables.values()], self.evolved,
+                                                 self.index.rewritten if self.store else 0)
         self.tables = tables
         self.generation += 1
         self._plans.clear()
