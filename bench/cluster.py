@@ -2,6 +2,8 @@
 
     python -m bench.cluster [--quick] [--clients 16] [--seconds 15]
 
+Each run is `--seconds` of load after 5 s of warm-up (2 s and 5 s with --quick).
+
 1. The dashboard mix (bench/peers/dashboard.py) at `--clients` closed-loop clients against one
    node (2 workers) over the demo data on local disk and over the same files in an
    S3-compatible server (moto, its own process, on this machine), with the cache off and on:
@@ -65,9 +67,13 @@ class Answers:
         return bad
 
 
-def run_mix(name: str, port: int, answers: Answers, clients: int, seconds: float) -> dict:
+def run_mix(name: str, port: int, answers: Answers, clients: int, seconds: float,
+            warmup: float) -> dict:
+    """`warmup` seconds of the mix (checked, not measured), then `seconds` measured."""
     mixes = [DashboardMix(seed=n, epoch=time.time()) for n in range(clients)]
-    result = closed_loop(Peer(name, "http", port), lambda n: mixes[n].next(), clients, seconds,
+    peer = Peer(name, "http", port)
+    closed_loop(peer, lambda n: mixes[n].next(), clients, warmup, on_reply=answers.on_reply)
+    result = closed_loop(peer, lambda n: mixes[n].next(), clients, seconds,
                          on_reply=answers.on_reply)
     line = (f"{name:<34} {result['qps']:8.1f} QPS  p50 {result['p50_ms']:7.1f} ms  "
             f"p99 {result['p99_ms']:7.1f} ms  errors {result['errors']}")
@@ -89,8 +95,10 @@ def main(argv=None) -> int:
     parser.add_argument("--seconds", type=float, default=15.0)
     args = parser.parse_args(argv)
     seconds = 5.0 if args.quick else args.seconds
+    warmup = 2.0 if args.quick else 5.0
     raise_on_stop_signals()
-    report: dict = {"clients": args.clients, "seconds": seconds, "cpus": os.cpu_count(), "runs": {}}
+    report: dict = {"clients": args.clients, "seconds": seconds, "warmup_seconds": warmup,
+                    "cpus": os.cpu_count(), "runs": {}}
     answers = Answers()
     started = time.monotonic()
     failed: list[str] = []
@@ -103,7 +111,7 @@ def main(argv=None) -> int:
         try:
             runs = report["runs"]
             runs["local, cache off"] = run_mix("local, cache off", reference.port, answers,
-                                               args.clients, seconds)
+                                               args.clients, seconds, warmup)
             for cache in (False, True):
                 label = "on" if cache else "off"
                 for where in ("s3", "local"):
@@ -115,14 +123,14 @@ def main(argv=None) -> int:
                     server = node(tmp, f"{where}-{label}", data, 2, config)
                     servers.append(server)
                     runs[f"{where}, cache {label}"] = run_mix(f"{where}, cache {label}", server.port,
-                                                              answers, args.clients, seconds)
+                                                              answers, args.clients, seconds, warmup)
                     assert server.stop() == 0
                     assert_no_leaks(server)
             for nodes, workers in ((1, 2), (3, 1)):
                 name = f"Caddy + {nodes} node{'s' * (nodes > 1)} x {workers} worker{'s' * (workers > 1)}"
                 cluster = ClusterProcess(nodes, str(tmp / "data"), workers)
                 try:
-                    runs[name] = run_mix(name, cluster.port, answers, args.clients, seconds)
+                    runs[name] = run_mix(name, cluster.port, answers, args.clients, seconds, warmup)
                 finally:
                     cluster.note_descendants()
                     assert cluster.stop() == 0
