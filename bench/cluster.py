@@ -9,8 +9,8 @@ Each run is `--seconds` of load after 5 s of warm-up (2 s and 5 s with --quick).
    S3-compatible server (moto, its own process, on this machine), with the cache off and on:
    QPS of each and the S3/local ratio. moto is a Python server sharing the same 2 cores, so
    this is an upper bound on what object storage costs, not a measure of S3 itself.
-2. The same mix through Caddy (`python -m engine.cluster`): one node of 2 workers behind Caddy,
-   and three nodes of 1 worker each, against the same node without a balancer. One machine's
+2. The same mix through Caddy (`python -m engine.cluster`): one node of 2 workers, asked
+   directly and then behind Caddy, and three nodes of 1 worker each behind Caddy. One machine's
    cores are shared by every node, Caddy and the load generator: this measures what the
    balancer costs, not scaling.
 
@@ -73,13 +73,17 @@ def run_mix(name: str, port: int, answers: Answers, clients: int, seconds: float
     mixes = [DashboardMix(seed=n, epoch=time.time()) for n in range(clients)]
     peer = Peer(name, "http", port)
     closed_loop(peer, lambda n: mixes[n].next(), clients, warmup, on_reply=answers.on_reply)
+    load_before = os.getloadavg()[0]
     result = closed_loop(peer, lambda n: mixes[n].next(), clients, seconds,
                          on_reply=answers.on_reply)
+    # The machine's 1-minute load average: other work on the same cores shows here.
+    result["load_average"] = [round(load_before, 1), round(os.getloadavg()[0], 1)]
     line = (f"{name:<34} {result['qps']:8.1f} QPS  p50 {result['p50_ms']:7.1f} ms  "
-            f"p99 {result['p99_ms']:7.1f} ms  errors {result['errors']}")
+            f"p99 {result['p99_ms']:7.1f} ms  errors {result['errors']}  "
+            f"load {result['load_average'][0]}-{result['load_average'][1]}")
     print(line, flush=True)
     return {k: result[k] for k in ("qps", "p50_ms", "p99_ms", "requests", "ok", "errors",
-                                   "error_kinds", "client_cpu_share")}
+                                   "error_kinds", "client_cpu_share", "load_average")}
 
 
 def node(tmp: Path, name: str, data_dir: str, workers: int, config: str = "") -> Server:
@@ -130,6 +134,10 @@ def main(argv=None) -> int:
                 name = f"Caddy + {nodes} node{'s' * (nodes > 1)} x {workers} worker{'s' * (workers > 1)}"
                 cluster = ClusterProcess(nodes, str(tmp / "data"), workers)
                 try:
+                    if nodes == 1:  # the same node without the balancer, just before
+                        port = int(cluster.grep(r"^node 1: http://127\.0\.0\.1:(\d+)").group(1))
+                        runs["1 node x 2 workers, direct"] = run_mix(
+                            "1 node x 2 workers, direct", port, answers, args.clients, seconds, warmup)
                     runs[name] = run_mix(name, cluster.port, answers, args.clients, seconds, warmup)
                 finally:
                     cluster.note_descendants()
@@ -141,13 +149,13 @@ def main(argv=None) -> int:
                     server.stop()
             assert reference.stop() == 0
             assert_no_leaks(reference)
-    local, remote = runs["local, cache off"]["qps"], runs["s3, cache off"]["qps"]
+    def ratio(a: str, b: str) -> float | None:
+        return runs[a]["qps"] / runs[b]["qps"] if runs[b]["qps"] else None
     report["ratios"] = {
-        "s3/local, cache off": remote / local if local else None,
-        "s3/local, cache on": runs["s3, cache on"]["qps"] / runs["local, cache on"]["qps"]
-        if runs["local, cache on"]["qps"] else None,
-        "Caddy + 1 node / 1 node direct": runs["Caddy + 1 node x 2 workers"]["qps"] / local if local else None,
-        "Caddy + 3 nodes / 1 node direct": runs["Caddy + 3 nodes x 1 worker"]["qps"] / local if local else None,
+        "s3/local, cache off": ratio("s3, cache off", "local, cache off"),
+        "s3/local, cache on": ratio("s3, cache on", "local, cache on"),
+        "Caddy + 1 node / 1 node direct": ratio("Caddy + 1 node x 2 workers", "1 node x 2 workers, direct"),
+        "Caddy + 3 nodes / 1 node direct": ratio("Caddy + 3 nodes x 1 worker", "1 node x 2 workers, direct"),
     }
     report["distinct_queries_checked"] = len(answers.seen)
     report["wrong_answers"] = len(wrong)
