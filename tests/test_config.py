@@ -88,3 +88,30 @@ def test_supervisor_refuses_bad_config_before_spawning(tmp_path):
 def test_tokens_file_is_relative_to_the_config_file(tmp_path):
     cfg = config.load(write(tmp_path, "[auth]\nenabled = true\ntokens_file = 'secret/t.json'\n"), env={})
     assert cfg.auth.enabled and cfg.auth.tokens_file == str(tmp_path / "secret" / "t.json")
+
+
+def test_object_storage_settings(tmp_path):
+    path = write(tmp_path, '[catalog]\ndata_dir = "s3://arc-data/prod/"\n'
+                           '[s3]\nendpoint = "http://127.0.0.1:9000"\n')
+    env = {"AWS_ACCESS_KEY_ID": "kid", "AWS_SECRET_ACCESS_KEY": "never-shown",
+           "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    cfg = config.load(path, env=env)
+    assert cfg.catalog.data_dir == "s3://arc-data/prod"  # not made a local path
+    assert (cfg.s3.endpoint, cfg.s3.use_ssl, cfg.s3.url_style) == ("127.0.0.1:9000", False, "path")
+    assert (cfg.s3.key_id, cfg.s3.secret, cfg.s3.region) == ("kid", "never-shown", "us-east-1")
+    assert cfg.catalog.index_file.startswith(str(tmp_path / "cache" / "duckfleet" / "index-"))
+    assert "never-shown" not in repr(cfg) + str(cfg)
+    assert config.decode(config.encode(cfg)) == cfg  # the children get the same settings
+
+
+@pytest.mark.parametrize("data_dir", ["s3://arc/../other", "s3://arc/./x", "s3://Arc/x",
+                                      "s3://arc/x?s3_endpoint=evil", "s3://a/x", "s3://arc/%2e%2e"])
+def test_bad_object_storage_prefix(tmp_path, data_dir):
+    with pytest.raises(ConfigError, match="catalog.data_dir"):
+        config.load(write(tmp_path, f'[catalog]\ndata_dir = "{data_dir}"\n'), env={})
+
+
+def test_bad_object_storage_endpoint(tmp_path):
+    path = write(tmp_path, '[catalog]\ndata_dir = "s3://arc/x"\n[s3]\nendpoint = "h:1/path"\n')
+    with pytest.raises(ConfigError, match="s3.endpoint"):
+        config.load(path, env={})
