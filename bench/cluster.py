@@ -34,7 +34,7 @@ from pathlib import Path
 
 from bench.common import raise_on_stop_signals, write_report
 from bench.peers.dashboard import DashboardMix
-from bench.peers.loadgen import closed_loop, post
+from bench.peers.loadgen import Reply, closed_loop, post
 from bench.peers.servers import Peer
 from engine.demo import write_demo
 from tests.cluster import ClusterProcess
@@ -51,11 +51,11 @@ class Answers:
         self.seen: dict[str, set[str]] = collections.defaultdict(set)
         self.errors: collections.Counter = collections.Counter()
 
-    def on_reply(self, client: int, sql: str, status: int, body: bytes) -> None:
-        if status != 200:
-            self.errors[f"http {status}: {body[:120]!r}"] += 1
+    def on_reply(self, reply: Reply) -> None:
+        if reply.status != 200:
+            self.errors[f"http {reply.status}: {(reply.body or b'')[:120]!r}"] += 1
             return
-        self.seen[sql].add(json.dumps(json.loads(body)["data"]))
+        self.seen[reply.sql].add(json.dumps(json.loads(reply.body)["data"]))
 
     def wrong(self, reference_port: int) -> list[str]:
         """Queries whose answers differ from the reference node's (asked once each)."""
