@@ -10,17 +10,25 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
+import socket
+import subprocess
 from datetime import timedelta
 
 import pytest
 
 from bench.peers.dashboard import NOW0, PANELS, WINDOWS, panel_sql
 from tests.cluster import ClusterProcess, Load, expected_answers
-from tests.harness import wait_for
+from tests.harness import REPO, wait_for
 
 pytestmark = pytest.mark.slow
 CLIENTS = 16
+
+
+def node_ports(cluster) -> list[int]:
+    return [int(m) for m in re.findall(r"^node \d+: http://127\.0\.0\.1:(\d+)",
+                                       "\n".join(cluster.lines), re.M)]
 
 
 def queries() -> list[str]:
@@ -33,9 +41,7 @@ def queries() -> list[str]:
 def cluster(demo_dir):
     running = ClusterProcess(3, str(demo_dir))
     try:
-        ports = [int(m) for m in re.findall(r"^node \d+: http://127\.0\.0\.1:(\d+)",
-                                            "\n".join(running.lines), re.M)]
-        answers = [expected_answers("127.0.0.1", port, queries()) for port in ports]
+        answers = [expected_answers("127.0.0.1", port, queries()) for port in node_ports(running)]
         assert answers[0] == answers[1] == answers[2]  # the nodes agree: a reference
         running.answers = answers[0]
         yield running
@@ -43,10 +49,11 @@ def cluster(demo_dir):
         assert running.stop() == 0
 
 
-def under_load(cluster, action, settle: int = 200) -> dict:
-    """Run `action` while 16 clients load the balancer; keep loading for `settle` requests
-    after it returned (so the restarted node takes traffic again), then stop the load."""
-    load = Load(cluster.host, cluster.port, cluster.answers, CLIENTS)
+def under_load(cluster, action, settle: int = 200, port: int | None = None) -> dict:
+    """Run `action` while 16 clients load the balancer (Caddy, or the one on `port`); keep
+    loading for `settle` requests after it returned (so the restarted node takes traffic
+    again), then stop the load."""
+    load = Load(cluster.host, port or cluster.port, cluster.answers, CLIENTS)
     try:
         wait_for(lambda: load.total() >= 100, 60, what="load before the action")
         action()
@@ -88,6 +95,54 @@ def test_sigterm_one_node(cluster):
     result = under_load(cluster, stop_one)
     assert result["wrong"] == 0, result
     assert result["failed"] == 0, result
+
+
+def test_haproxy_in_front(cluster, tmp_path):
+    """deploy/haproxy/haproxy.cfg, its node addresses replaced by the cluster's, in front of
+    the same three nodes: a node SIGKILLed under load."""
+    haproxy = shutil.which("haproxy") or ("/usr/sbin/haproxy" if os.path.exists("/usr/sbin/haproxy") else None)
+    if haproxy is None:
+        pytest.skip("haproxy is not installed")
+    port, flight = _free_port(), _free_port()
+    config = (REPO / "deploy" / "haproxy" / "haproxy.cfg").read_text() \
+        .replace("bind :8080", f"bind 127.0.0.1:{port}").replace("bind :8815", f"bind 127.0.0.1:{flight}")
+    for n, node in enumerate(node_ports(cluster), 1):
+        config = config.replace(f"node{n}:8000", f"127.0.0.1:{node}") \
+            .replace(f"node{n}:8815 proto h2 check port 8000", f"127.0.0.1:{node} proto h2 check")
+    (tmp_path / "haproxy.cfg").write_text(config)
+    with open(tmp_path / "haproxy.log", "wb") as log:
+        balancer = subprocess.Popen([haproxy, "-f", str(tmp_path / "haproxy.cfg")], stdout=log,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        def listening():
+            assert balancer.poll() is None, (tmp_path / "haproxy.log").read_text()
+            return _answers(port)
+        wait_for(listening, 30, what="haproxy")
+
+        def kill():
+            mark = len(cluster.lines)
+            os.killpg(cluster.node_pids()[3], signal.SIGKILL)
+            wait_for(lambda: cluster.grep(r"^node 3: ready again", mark), 120, what="node 3 back")
+        result = under_load(cluster, kill, port=port)
+    finally:
+        balancer.terminate()
+        balancer.wait(30)
+    assert result["wrong"] == 0, result
+    assert result["unclean"] == {}, result
+    assert result["failed"] < 0.01 * result["requests"], result
+
+
+def _free_port() -> int:
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        return probe.getsockname()[1]
+
+
+def _answers(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2):
+            return True
+    except OSError:
+        return False
 
 
 @pytest.mark.xfail(strict=True, reason="needs server.drain_s")
