@@ -15,7 +15,9 @@ import duckdb
 import pytest
 
 from bench.peers.dashboard import PANELS, WINDOWS, NOW0, panel_sql
+from engine.errors import Kind, QueryError
 from engine.extensions import load
+from engine.objectstore import check_url
 from tests.harness import Server, assert_no_leaks, wait_for, write_small_dataset
 from tests.s3server import KEY_ID, SECRET, S3Server
 
@@ -234,3 +236,27 @@ def test_new_and_deleted_objects_seen_after_a_listing(tmp_path, make_server, s3)
     wait_for(lambda: files() == 1, 30, what="the deleted object gone from the catalog")
     assert count()[0] == 5
     assert fleet.stop() == 0
+
+
+@pytest.mark.parametrize("path, allowed", [
+    ("s3://arc/lake/default/cpu/2025/11/01/00/x.parquet", True),
+    ("s3://arc/lake/default/cpu/**/*.parquet", True),
+    ("s3://arc/lake/default/cpu/year=2025/x.parquet", True),  # hive-style partitions
+    ("/srv/elsewhere/x.parquet", True),  # local: DuckDB's sandbox judges it
+    ("s3://arc/lake/default/../x.parquet", False), ("s3://arc/lake/default/./x.parquet", False),
+    ("s3://arc/lake/default/.hidden/x.parquet", False),  # dot names: neither indexed nor read
+    ("s3://arc/lake/%2E%2E/x.parquet", False), ("s3://arc/lake/x.parquet?a=b", False),
+    ("s3://arc/lake/x.parquet#a", False), ("s3://arc/lake/a\\b.parquet", False),
+    ("s3://arc/lake//x.parquet", False), ("s3://arc/lake", False), ("s3://arc/lake/", False),
+    ("s3://arc/lakeside/x.parquet", False), ("S3://arc/lake/x.parquet", False),
+    ("https://arc.s3.amazonaws.com/lake/x.parquet", False), ("file:///etc/passwd", False),
+    ("//arc/lake/x.parquet", False), ("s3:arc/lake/x.parquet", False),
+])
+def test_check_url(path, allowed):
+    """The guard alone: what passes, and what is refused before DuckDB sees it."""
+    if allowed:
+        check_url(path, "s3://arc/lake")
+    else:
+        with pytest.raises(QueryError) as refused:
+            check_url(path, "s3://arc/lake")
+        assert refused.value.kind == Kind.FORBIDDEN
