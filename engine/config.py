@@ -37,7 +37,8 @@ class ServerConfig(_Section):
     unix_socket: str = ""  # also serve HTTP on this Unix socket path (sidecars)
     runtime_dir: str = ""  # parent of the private runtime directory; "" = $XDG_RUNTIME_DIR or /tmp
     max_body_kb: PositiveInt = 1024
-    shutdown_grace_s: PositiveFloat = 30.0
+    shutdown_grace_s: PositiveFloat = 30.0  # a graceful stop waits this long for in-flight queries
+    drain_s: NonNegFloat = 0.0  # on SIGTERM, readiness says 503 and the node serves on this long
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_file: str = ""  # "" = stderr; reopened on SIGUSR1 (log rotation)
     slow_query_ms: NonNegFloat = 1000.0  # queries at least this long are logged; 0 logs every one
