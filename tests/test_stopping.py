@@ -12,6 +12,7 @@ from tests.harness import assert_no_leaks, wait_for
 
 SLOW_SQL = "SELECT sum(i) AS s FROM range(1000000000) t(i)"  # about 2 s on one thread
 SLOW_SUM = 999_999_999 * 1_000_000_000 // 2
+QUIET = "[server]\nslow_query_ms = 600000\n"  # the slow query is no slow_query warning here
 
 
 def warnings(srv) -> list[str]:
@@ -38,7 +39,7 @@ def slow_query_in_flight(srv) -> tuple[threading.Thread, dict]:
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_clean_stop_answers_in_flight_queries_and_logs_no_warning(make_server, sig):
     """Ctrl-C (SIGINT) and SIGTERM are graceful: the query in flight gets its answer."""
-    srv = make_server().start()
+    srv = make_server(config=QUIET).start()
     for fmt in ("json", "arrow", "csv"):
         assert srv.query("SELECT * FROM cpu LIMIT 1000", format=fmt).status == 200
     t, result = slow_query_in_flight(srv)
@@ -53,7 +54,7 @@ def test_a_clean_stop_answers_in_flight_queries_and_logs_no_warning(make_server,
 
 
 def test_drain_turns_readiness_off_and_serves_on(make_server):
-    srv = make_server(config="[server]\ndrain_s = 10\n").start()
+    srv = make_server(config=QUIET + "drain_s = 10\n").start()
     assert srv.get("/health/ready").status == 200
     t, result = slow_query_in_flight(srv)
     srv.send_signal(signal.SIGTERM)
