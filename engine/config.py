@@ -55,7 +55,7 @@ class ServerConfig(_Section):
 class WorkersConfig(_Section):
     count: NonNegInt = 0  # 0 = one per core
     boot_timeout_s: PositiveFloat = 30.0
-    # Recycling: a worker retires after any of these (0 = never); its replacement is ready first.
+    # Recycling: a worker is recycled after any of these (0 = never); its replacement is ready first.
     max_queries: NonNegInt = 0
     max_queries_jitter: NonNegInt = 0  # each worker's limit gets a random 0..jitter more
     max_rss_mb: NonNegInt = 0

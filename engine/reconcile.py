@@ -40,7 +40,7 @@ def turn(workers: Iterable[Child], count: int, stale: Callable[[Child], str | No
     for worker in live:
         slots.setdefault(worker.slot, []).append(worker)
     result = Turn()
-    rolling = any(_replacing(members, stale) for slot, members in slots.items() if slot < count)
+    rolling = any(_rolling(members, stale) for slot, members in slots.items() if slot < count)
     for slot in range(count):
         members = slots.get(slot, [])
         fresh = [w for w in members if stale(w) is None]
@@ -50,8 +50,7 @@ def turn(workers: Iterable[Child], count: int, stale: Callable[[Child], str | No
             continue
         if fresh or not may_spawn(slot):
             continue  # its replacement is booting, or its backoff holds
-        planned = any(w.ready for w in members) and not any(w.recycle for w in members)
-        if planned:
+        if _planned(members):
             if rolling:
                 continue  # one slot at a time
             rolling = True
@@ -60,8 +59,12 @@ def turn(workers: Iterable[Child], count: int, stale: Callable[[Child], str | No
     return result
 
 
-def _replacing(members: list[Child], stale) -> bool:
-    """A fresh worker boots to replace stale ones that still serve, by the supervisor's doing."""
+def _planned(members: list[Child]) -> bool:
+    """The slot is served, by workers stale by the supervisor's doing (none asked to go)."""
+    return any(w.ready for w in members) and not any(w.recycle for w in members)
+
+
+def _rolling(members: list[Child], stale) -> bool:
+    """A fresh worker boots to take over such a slot."""
     fresh = [w for w in members if stale(w) is None]
-    return (bool(fresh) and not any(w.ready for w in fresh)
-            and any(w.ready for w in members) and not any(w.recycle for w in members))
+    return bool(fresh) and not any(w.ready for w in fresh) and _planned(members)

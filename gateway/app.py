@@ -224,6 +224,7 @@ def main(argv=None) -> int:
     die_with_parent(args.supervisor_pid, signal.SIGTERM)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until serve() handles it: a reload, not a stop
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)  # until serve() handles it: a drain, not a stop
+    signal.signal(signal.SIGQUIT, lambda *_: os._exit(0))  # a quick stop before serve(): no core dump
     os.umask(0o077)  # nothing the gateway creates is for other users
     prometheus_client.disable_created_metrics()  # no *_created series: they only add noise
     # The planning thread walks parse trees as deep as DuckDB accepts (1,000 expressions, a
