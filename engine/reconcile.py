@@ -6,7 +6,7 @@ A pure function of the process table (engine/children.py) and of what the superv
 arbiter is the model (each turn compares the table with the wanted state), per slot.
 
 A worker is *fresh* unless it is stale (it asked to be recycled, or it was spawned under an
-older configuration or memory plan) or retired (asked to leave: it is on its way out). Per
+older configuration, or with more memory than the plan now gives each worker) or retired (asked to leave: it is on its way out). Per
 slot below the count:
 
 - the first fresh ready worker keeps the slot, and every other worker of the slot is retired:

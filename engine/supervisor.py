@@ -14,7 +14,8 @@ Vocabulary, in code, log events and README alike:
 - spawn: start a process; reap: collect one that exited (`exited`, or `crashed`);
 - recycle: a worker asks to be replaced (a recycling limit, or `internal_error`);
 - stale: a worker due for replacement: it asked to be recycled, or it was spawned under an
-  older configuration (`reload`) or memory plan (`memory_plan`);
+  older configuration (`reload`), or with a memory_limit over the current plan's share
+  (`memory_plan`: more workers now divide an `auto` budget);
 - retire: ask a worker to leave after its query (SIGTERM: it says Bye, finishes, exits);
 - kill: SIGKILL (`worker_unresponsive` past a deadline, `killing` past a stop's grace).
 
@@ -205,7 +206,7 @@ class Supervisor:
             return child.recycle
         if child.generation != self.plan.generation:
             return "reload"
-        if child.memory_limit != self.plan.memory_limit:
+        if child.memory_limit > self.plan.memory_limit:  # over the share: the plan would not hold
             return "memory_plan"
         return None
 

@@ -1,6 +1,7 @@
 """The reconciling supervisor: the turn itself (no processes), then real fleets under
 recycling, reload and scaling at once, and memory planned again when the count changes."""
 
+import os
 import signal
 
 from engine import memory
@@ -118,8 +119,9 @@ def auto_limit(count, overhead_mb=200):
 
 
 def test_scaling_plans_memory_again(make_server):
-    """`auto` limits are divided again: the new worker and the replaced ones get budget / 3
-    after SIGTTIN, budget / 2 again after SIGTTOU."""
+    """`auto` limits are divided again: after SIGTTIN the new worker gets a third of the budget
+    and the others, over that share, are replaced to get it too; after SIGTTOU the workers,
+    under the new share, serve on, and a replacement gets half the budget again."""
     srv = make_server().start()
     assert {w["memory_limit"] for w in srv.stats()["workers"]} == {auto_limit(2)}
     srv.send_signal(signal.SIGTTIN)
@@ -127,10 +129,20 @@ def test_scaling_plans_memory_again(make_server):
              == {auto_limit(3)}, 90, what="three workers of a third of the budget each")
     assert srv.events("workers")[-1]["memory_limit_bytes"] == auto_limit(3)
     assert {e["reason"] for e in srv.events("retiring")} == {"memory_plan"}
+    spawned = len(srv.events("spawned"))
     srv.send_signal(signal.SIGTTOU)
-    wait_for(lambda: settled(srv, 2) and {w["memory_limit"] for w in srv.stats()["workers"]}
-             == {auto_limit(2)}, 90, what="two workers of half the budget each")
-    assert srv.query("SELECT 1 AS x").status == 200 and not srv.events("crashed")
+    wait_for(lambda: settled(srv, 2), 60, what="two workers")
+    assert srv.events("workers")[-1]["memory_limit_bytes"] == auto_limit(2)
+    assert len(srv.events("spawned")) == spawned, "workers under the share serve on"
+    assert not srv.events("crashed")
+    victim = srv.stats()["workers"][0]
+    os.kill(victim["pid"], signal.SIGKILL)
+    wait_for(lambda: settled(srv, 2) and victim["pid"] not in srv.worker_pids(), 60,
+             what="the replacement")
+    limits = {w["id"]: w["memory_limit"] for w in srv.stats()["workers"]}
+    assert limits[victim["id"]] == auto_limit(2) and set(limits.values()) == {auto_limit(2),
+                                                                                auto_limit(3)}
+    assert srv.query("SELECT 1 AS x").status == 200
 
 
 def test_a_count_that_does_not_fit_is_refused_with_the_numbers(make_server):
@@ -151,3 +163,20 @@ def test_a_count_that_does_not_fit_is_refused_with_the_numbers(make_server):
     assert [e["count"] for e in srv.events("workers")] == [1]
     wait_for(lambda: settled(srv, 1), 60, what="one worker")
     assert len(srv.events("spawned")) == spawned, "an explicit limit needs no replacement"
+
+
+def test_a_reload_whose_workers_cannot_boot_keeps_the_previous_configuration(make_server):
+    srv = make_server().start()
+    before = set(srv.worker_pids())
+    srv.config_path.write_text('[catalog.views]\nbroken = "SELECT * FROM nowhere"\n')
+    srv.send_signal(signal.SIGHUP)
+    failed = wait_for(lambda: srv.event("reload_failed"), 60, what="the refusal")
+    assert "could not boot" in failed["reason"] and "nowhere" in srv.event("worker_boot_failed")["error"]
+    assert set(srv.worker_pids()) == before and srv.process.poll() is None
+    assert not srv.events("worker_cannot_boot") and not srv.events("reloaded")
+    assert srv.query("SELECT 1 AS x").json()["data"] == [[1]]
+    # The old workers are fresh again: a later reload of a good file replaces them.
+    srv.config_path.write_text("")
+    srv.send_signal(signal.SIGHUP)
+    wait_for(lambda: srv.event("reloaded") and settled(srv, 2), 90, what="the good reload")
+    assert not before & set(srv.worker_pids())
