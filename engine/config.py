@@ -39,7 +39,8 @@ class ServerConfig(_Section):
     unix_socket_mode: Annotated[str, Meta(pattern=r"^0?[0-7]{3}$")] = "0600"  # 0660: a group too
     runtime_dir: str = ""  # parent of the private runtime directory; "" = $XDG_RUNTIME_DIR or /tmp
     max_body_kb: PositiveInt = 1024
-    shutdown_grace_s: PositiveFloat = 30.0
+    shutdown_grace_s: PositiveFloat = 30.0  # a graceful stop waits this long for in-flight queries
+    drain_s: NonNegFloat = 0.0  # on SIGTERM, readiness says 503 and the node serves on this long
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_file: str = ""  # "" = stderr; reopened on SIGUSR1 (log rotation)
     slow_query_ms: NonNegFloat = 1000.0  # queries at least this long are logged; 0 logs every one
@@ -57,7 +58,7 @@ class ServerConfig(_Section):
 class WorkersConfig(_Section):
     count: NonNegInt = 0  # 0 = one per core
     boot_timeout_s: PositiveFloat = 30.0
-    # Recycling: a worker retires after any of these (0 = never); its replacement is ready first.
+    # Recycling: a worker is recycled after any of these (0 = never); its replacement is ready first.
     max_queries: NonNegInt = 0
     max_queries_jitter: NonNegInt = 0  # each worker's limit gets a random 0..jitter more
     max_rss_mb: NonNegInt = 0

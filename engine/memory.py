@@ -8,7 +8,8 @@ memory_limit plus each process's own overhead (the workers, the gateway, the sup
     workers x (memory_limit + overhead) + 2 x overhead <= budget
 
 With memory_limit = "auto" the limit is whatever fits; an explicit limit that does not fit is
-refused with the numbers, unless force_memory_limit is set.
+refused with the numbers (PlanError: budget and need), unless force_memory_limit is set. The
+supervisor plans again whenever the number of workers changes (SIGTTIN, SIGTTOU, reload).
 """
 
 from __future__ import annotations
@@ -22,6 +23,15 @@ from engine.config import Config, ConfigError, parse_size
 
 _CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
 MiB = 2**20
+
+
+class PlanError(ConfigError):
+    """A worker count that does not fit the budget: `need` bytes against `budget`."""
+
+    def __init__(self, message: str, budget: int, need: int):
+        super().__init__(message)
+        self.budget = budget
+        self.need = need
 
 
 def cgroup_limit_bytes() -> int | None:
@@ -60,23 +70,29 @@ class MemoryPlan:
                 f"({self.ram // MiB} MiB RAM x fraction)")
 
 
-def plan(config: Config, ram: int | None = None) -> MemoryPlan:
+MIN_AUTO_LIMIT = 64 * MiB  # an "auto" share below this is refused: DuckDB could do little with it
+
+
+def plan(config: Config, ram: int | None = None, workers: int | None = None) -> MemoryPlan:
+    """The plan for `workers` (default: the configured count)."""
     ram = system_memory_bytes() if ram is None else ram
     duck = config.duckdb
     budget = int(ram * duck.memory_fraction)
     overhead = duck.process_overhead_mb * MiB
-    workers = config.worker_count
+    workers = config.worker_count if workers is None else workers
     if duck.memory_limit == "auto":
         limit = (budget - (workers + 2) * overhead) // workers
-        if limit < 64 * MiB:
-            raise ConfigError(f"duckdb.memory_limit: auto leaves {limit // MiB} MiB per worker: "
+        if limit < MIN_AUTO_LIMIT:
+            raise PlanError(f"duckdb.memory_limit: auto leaves {limit // MiB} MiB per worker: "
                               f"budget {budget // MiB} MiB minus {workers + 2} x "
                               f"{overhead // MiB} MiB overhead over {workers} workers; "
-                              "use fewer workers or a larger memory_fraction")
+                              "use fewer workers or a larger memory_fraction",
+                            budget, workers * MIN_AUTO_LIMIT + (workers + 2) * overhead)
         return MemoryPlan(ram, budget, workers, limit, overhead)
     result = MemoryPlan(ram, budget, workers, parse_size(duck.memory_limit, "duckdb.memory_limit"),
                         overhead)
     if result.total > budget and not duck.force_memory_limit:
-        raise ConfigError(f"duckdb.memory_limit: does not fit the memory budget: {result.describe()}. "
-                          "Lower memory_limit or workers, or set duckdb.force_memory_limit = true")
+        raise PlanError(f"duckdb.memory_limit: does not fit the memory budget: {result.describe()}. "
+                        "Lower memory_limit or workers, or set duckdb.force_memory_limit = true",
+                        budget, result.total)
     return result

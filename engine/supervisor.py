@@ -3,33 +3,36 @@
 It handles no requests. It parses the configuration once, sweeps what dead fleets left, makes
 a private runtime directory (0700), binds the listening sockets (so the gateway can be
 replaced without closing them), writes the demo data if needed, then spawns the gateway and
-the workers by exec and owns the process table. One verb per step: spawn, reap, replace,
-retire, kill, stop.
+the workers by exec and owns the process table (engine/children.py).
 
-Each worker writes one line per event on its own pipe: `ready`, `busy <timeout>` / `idle`
-(heartbeats from its work loop), `cancel` (deadline passed or client gone), `retire <reason>`
-(a recycling limit was reached, or `internal_error`: it has stopped taking queries already). A
-retiring worker keeps serving until its replacement is ready; only then is it told to leave
-(SIGTERM), so capacity never dips. A worker silent past its deadline (the query's, or
-cancel_grace_s + kill_grace_s after a cancel) is killed and replaced; one that exits
-OVER_MEMORY (past its RSS cap) is replaced at once, without crash backoff. The gateway reads
-`exited <pid> <code>` for each worker on a pipe of its own, to tell a query that crashed its
-worker from a worker killed from outside (gateway/handlers.py).
+One loop, in gunicorn's arbiter manner: signal handlers and workers' status lines only queue
+an event; each turn of the loop reaps what exited, kills what is silent past its deadline,
+and then either reconciles the table with what is wanted (engine/reconcile.py: every slot
+has one ready worker that is not on its way out) or advances the stop (engine/stopping.py).
+Vocabulary, in code, log events and README alike:
 
-Signals (handlers only queue them; the loop does the work), as Gunicorn's:
-SIGTERM graceful stop (the gateway drains within shutdown_grace_s); SIGINT, SIGQUIT quick stop;
-SIGHUP reload engine.toml, replace the workers one by one and have the gateway read [catalog]
-again; SIGTTIN / SIGTTOU one worker more / fewer; SIGUSR1 reopen log files; SIGCHLD reap. Children die with the supervisor
-(PR_SET_PDEATHSIG), and the next start sweeps their sockets and segments. Crashing workers are
-respawned with exponential backoff, only for deaths outside a query: one that died running a
-query is replaced at once, so queries that kill workers cannot hold the fleet below capacity.
-A worker that cannot boot stops the server.
+- spawn: start a process; reap: collect one that exited (`exited`, or `crashed`);
+- recycle: a worker asks to be replaced (a recycling limit, or `internal_error`);
+- stale: a worker due for replacement: it asked to be recycled, or it was spawned under an
+  older configuration (`reload`), or with a memory_limit over the current plan's share
+  (`memory_plan`: more workers now divide an `auto` budget);
+- retire: ask a worker to leave after its query (SIGTERM: it says Bye, finishes, exits);
+- kill: SIGKILL (`worker_unresponsive` past a deadline, `killing` past a stop's grace).
+
+A worker that dies on its own is replaced with exponential backoff per slot, only for deaths
+outside a query: one that died running a query (or over its memory cap) is replaced at once,
+so queries that kill workers cannot hold the fleet below capacity. A worker that cannot boot
+stops the server, unless it was spawned by a reload: then the previous configuration is kept.
+Children die with the supervisor (PR_SET_PDEATHSIG), and the next start sweeps their sockets
+and segments. The gateway reads `exited <pid> <code>` for each worker on a pipe of its own, to
+tell a query that crashed its worker from a worker killed from outside.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import os
 import shutil
 import signal
@@ -38,65 +41,66 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import msgspec
 
-from engine import config as config_mod, log as log_mod, memory, shm
+from engine import config as config_mod, log as log_mod, memory, reconcile, shm
+from engine.children import Child, close_status, read_status, signal_child, spawn, watch_status
 from engine.process import BOOT_FAILED, OVER_MEMORY, raise_fd_limit
 from engine.startup import (RUNTIME_PREFIX, bind_listeners, build_index, check_tokens_file,
                             ensure_demo_data, sweep_dead_runtime_dirs)
+from engine.stopping import Stop
 
 STABLE_S = 10.0  # a worker that lived this long resets its slot's crash count
-QUICK_GRACE_S = 1.0
+WATCH_S = 0.25  # the longest a turn waits for an event: deadlines are checked this often
 UNIX_PATH_MAX = 108  # sun_path, including its terminating NUL
+SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
+           signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1)
+RESTART_SECTIONS = ("server", "queue", "results", "auth", "query_cache")  # not reloaded
 log = log_mod.get()
 
 
-@dataclass
-class Child:
-    role: str  # "gateway" or "worker"
-    slot: int
-    pid: int
-    exited: asyncio.Future
-    status_fd: int = -1
-    started: float = field(default_factory=time.monotonic)
-    ready: bool = False
-    busy: bool = False             # running a query, as its last heartbeat said
-    deadline: float = 0.0          # liveness: killed if silent past this (monotonic)
-    leaving: str | None = None     # we asked it to leave, and why: a planned exit
-    replaces: Child | None = None  # the retiring worker this one will replace
-    replacement: Child | None = None
-    buffer: bytes = b""
+@dataclass(frozen=True)
+class Plan:
+    """What the workers are spawned with: a configuration, its generation, a count and limit."""
+    cfg: config_mod.Config
+    generation: int
+    count: int
+    memory_limit: int
 
 
 class Supervisor:
     def __init__(self, cfg: config_mod.Config, config_path: str | None, overrides: dict,
                  demo: bool = False):
-        self.cfg = cfg
         self.demo = demo  # --demo: write the demo dataset into an empty data directory
         self.config_path = config_path
         self.overrides = overrides
         self.pid = os.getpid()
-        self.children: dict[int, Child] = {}
-        self.slots: set[int] = set(range(cfg.worker_count))
-        self.crashes: dict[int, int] = {}
+        self.table: dict[int, Child] = {}
+        self._generations = itertools.count()
+        self.plan = Plan(cfg, next(self._generations), cfg.worker_count, 0)
+        self.fallback: Plan | None = None  # the plan before a reload, until the reload is done
+        self.crashes: dict[int, int] = {}  # consecutive crashes of each slot
+        self.not_before: dict[int, float] = {}  # a slot in backoff spawns no earlier (monotonic)
         self.runtime: Path | None = None
         self.listeners: list[socket.socket] = []
-        self.memory_limit = 0
-        self.stopping: str | None = None
+        self.stop = Stop(self)
         self.exit_code = 0
-        self._signals: asyncio.Queue[int] = asyncio.Queue()
-        self._rolling: asyncio.Task | None = None
+        self._events: asyncio.Queue[int | None] = asyncio.Queue()  # a signal, or None: look again
         self._gateway_events = -1  # write end of the gateway's pipe of worker exits
+
+    @property
+    def cfg(self) -> config_mod.Config:
+        return self.plan.cfg
 
     # --- start-up ---
 
     def prepare(self) -> None:
         """Everything that can fail before a process is spawned."""
         plan = memory.plan(self.cfg)
-        self.memory_limit = plan.worker_limit
+        self.plan = Plan(self.cfg, self.plan.generation, self.plan.count, plan.worker_limit)
         if self.cfg.auth.enabled:
             check_tokens_file(self.cfg.auth.tokens_file)
         shm.sweep_dead_fleets()
@@ -115,9 +119,9 @@ class Supervisor:
         self.listeners = bind_listeners(self.cfg.server)
         host, port = self.listeners[0].getsockname()[:2]
         log.info("listening", host=host, port=port, unix_socket=self.cfg.server.unix_socket or None,
-                 runtime_dir=str(self.runtime), workers=self.cfg.worker_count,
+                 runtime_dir=str(self.runtime), workers=self.plan.count,
                  fd_limit=fd_soft or None, fd_hard_limit=fd_hard or None,
-                 memory_limit_bytes=self.memory_limit, memory_plan=plan.describe())
+                 memory_limit_bytes=self.plan.memory_limit, memory_plan=plan.describe())
         ensure_demo_data(self.cfg.catalog, self.demo)
         build_index(self.cfg)
 
@@ -126,47 +130,97 @@ class Supervisor:
         config_file.touch(mode=0o600)
         config_file.write_bytes(config_mod.encode(self.cfg))
 
+    # --- the loop ---
+
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
-                    signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1):
-            loop.add_signal_handler(sig, self._signals.put_nowait, sig)
-        self.spawn_gateway()
-        for slot in sorted(self.slots):
-            self.spawn_worker(slot)
-        watchdog = asyncio.ensure_future(self.watch())
-        while not self.stopping:
-            self.handle(await self._signals.get())
-        watchdog.cancel()
-        if self._rolling is not None:
-            self._rolling.cancel()
-        await self.stop(quick=self.stopping == "quick")
+        for sig in SIGNALS:
+            loop.add_signal_handler(sig, self._events.put_nowait, sig)
+        while not self.stop.done:
+            self.turn()
+            try:
+                event = await asyncio.wait_for(self._events.get(), self._wait_s())
+            except TimeoutError:
+                continue
+            self.handle(event)
+            while not self._events.empty():
+                self.handle(self._events.get_nowait())
+        self.close()
         return self.exit_code
 
-    def handle(self, sig: int) -> None:
-        if sig == signal.SIGCHLD:
-            self.reap()
-        elif sig == signal.SIGTERM:
-            self.stopping = "graceful"
-        elif sig in (signal.SIGINT, signal.SIGQUIT):
-            self.stopping = "quick"
-        elif sig == signal.SIGHUP:
-            if self._rolling is None or self._rolling.done():
-                self._rolling = asyncio.ensure_future(self.reload())
-            else:
-                log.warning("reload_ignored", reason="a reload is in progress")
-        elif sig == signal.SIGTTIN:
-            self.scale(+1)
-        elif sig == signal.SIGTTOU:
-            self.scale(-1)
-        elif sig == signal.SIGUSR1:
-            log_mod.reopen(self.cfg.server.log_file)
-            for child in self.children.values():
-                _signal(child.pid, signal.SIGUSR1)
-        if sig != signal.SIGCHLD:
-            log.info("signal", signal=signal.Signals(sig).name)
+    def turn(self) -> None:
+        self.reap()
+        self.watch()
+        if self.stop.mode is not None:
+            self.stop.advance()
+        if self.stop.mode not in (None, "drain"):
+            return  # stopping: nothing is spawned again (a drain still replaces lost workers)
+        if self.stop.mode is None and self.gateway() is None:
+            self.spawn_gateway()
+        wanted = reconcile.turn(self.workers(), self.plan.count, self.stale, self.may_spawn)
+        for child, reason in wanted.retire:
+            self.retire(child, reason)
+        for slot in wanted.spawn:
+            self.spawn_worker(slot)
+        if self.fallback is not None and self._reloaded():
+            self.fallback = None
+            log.info("reloaded", workers=self.plan.count, generation=self.plan.generation)
 
-    # --- spawn ---
+    def _wait_s(self) -> float:
+        now = time.monotonic()
+        soonest = min([WATCH_S, self.stop.deadline - now,
+                       *(t - now for t in self.not_before.values() if t > now)])
+        return max(soonest, 0.001)
+
+    def handle(self, event: int | None) -> None:
+        if event is None or event == signal.SIGCHLD:
+            return  # the next turn reaps and reconciles
+        log.info("signal", signal=signal.Signals(event).name)
+        if event in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+            self.stop.on_signal(event)
+        elif self.stop.mode is not None:
+            return  # no reload or scaling while stopping
+        elif event == signal.SIGHUP:
+            self.reload()
+        elif event in (signal.SIGTTIN, signal.SIGTTOU):
+            self.resize(max(1, self.plan.count + (1 if event == signal.SIGTTIN else -1)))
+        elif event == signal.SIGUSR1:
+            log_mod.reopen(self.cfg.server.log_file)
+            for child in self.table.values():
+                signal_child(child, signal.SIGUSR1)
+
+    def wake(self) -> None:
+        self._events.put_nowait(None)
+
+    # --- the table ---
+
+    def gateway(self) -> Child | None:
+        return next((c for c in self.table.values() if c.role == "gateway"), None)
+
+    def workers(self) -> list[Child]:
+        return [c for c in self.table.values() if c.role == "worker"]
+
+    def stale(self, child: Child) -> str | None:
+        """Why this worker is due for replacement, or None."""
+        if child.recycle:
+            return child.recycle
+        if child.generation != self.plan.generation:
+            return "reload"
+        if child.memory_limit > self.plan.memory_limit:  # over the share: the plan would not hold
+            return "memory_plan"
+        return None
+
+    def may_spawn(self, slot: int) -> bool:
+        return time.monotonic() >= self.not_before.get(slot, 0.0)
+
+    def _reloaded(self) -> bool:
+        """No worker of an older configuration is left, and every slot has a ready one."""
+        workers = self.workers()
+        ready = {w.slot for w in workers if w.ready and self.stale(w) is None}
+        return (all(w.generation == self.plan.generation for w in workers)
+                and ready >= set(range(self.plan.count)))
+
+    # --- spawn, retire, kill ---
 
     def spawn_gateway(self) -> None:
         fds = [s.fileno() for s in self.listeners]
@@ -179,7 +233,7 @@ class Supervisor:
         for fd in fds:
             args += ["--listen-fd", str(fd)]
         try:
-            self._spawn("gateway", 0, args, pass_fds=[*fds, read_end])
+            self._add(spawn("gateway", 0, args, pass_fds=[*fds, read_end]))
         finally:
             os.close(read_end)
 
@@ -189,99 +243,75 @@ class Supervisor:
         except OSError:
             pass  # no gateway, or it is not reading: it then treats the exit as not proven
 
-    def spawn_worker(self, slot: int, replaces: Child | None = None) -> Child:
+    def spawn_worker(self, slot: int) -> None:
         read_end, write_end = os.pipe()
+        plan = self.plan
         args = ["-m", "engine.worker", "--id", str(slot), "--runtime-dir", str(self.runtime),
-                "--supervisor-pid", str(self.pid), "--memory-limit", str(self.memory_limit),
+                "--supervisor-pid", str(self.pid), "--memory-limit", str(plan.memory_limit),
                 "--status-fd", str(write_end)]
         try:
-            child = self._spawn("worker", slot, args, pass_fds=[write_end])
+            child = spawn("worker", slot, args, pass_fds=[write_end])
         finally:
             os.close(write_end)
-        child.status_fd = read_end
+        child.generation, child.memory_limit = plan.generation, plan.memory_limit
         child.deadline = time.monotonic() + self.cfg.workers.boot_timeout_s
-        child.replaces = replaces
-        if replaces is not None:
-            replaces.replacement = child
-        os.set_blocking(read_end, False)
-        asyncio.get_running_loop().add_reader(read_end, self._on_status, child)
-        return child
+        watch_status(child, read_end, self._on_status)
+        self._add(child)
 
-    def _spawn(self, role: str, slot: int, args: list[str], pass_fds=()) -> Child:
-        process = subprocess.Popen([sys.executable, *args], pass_fds=pass_fds,
-                                   stdin=subprocess.DEVNULL)
-        process.returncode = 0  # we reap with waitpid ourselves; Popen must neither wait nor warn
-        child = Child(role, slot, process.pid, asyncio.get_running_loop().create_future())
-        self.children[child.pid] = child
-        log.info("spawned", process=role, slot=slot, child_pid=child.pid)
-        return child
+    def _add(self, child: Child) -> None:
+        self.table[child.pid] = child
+        log.info("spawned", process=child.role, slot=child.slot, child_pid=child.pid,
+                 **({"generation": child.generation, "memory_limit": child.memory_limit}
+                    if child.role == "worker" else {}))
+
+    def retire(self, child: Child, reason: str) -> None:
+        """Ask a worker to leave after its query: it says Bye, finishes what it was sent, exits."""
+        child.retired = reason
+        log.info("retiring", slot=child.slot, child_pid=child.pid, reason=reason)
+        signal_child(child, signal.SIGTERM)
+
+    def watch(self) -> None:
+        """Kill every worker silent past its deadline; reaping it brings a replacement."""
+        now = time.monotonic()
+        for child in self.workers():
+            if child.deadline and now > child.deadline:
+                log.warning("worker_unresponsive", slot=child.slot, child_pid=child.pid,
+                            ready=child.ready)
+                child.deadline = 0.0
+                signal_child(child, signal.SIGKILL)
 
     # --- what workers say ---
 
     def _on_status(self, child: Child) -> None:
-        while child.status_fd >= 0:  # to the end: reap() reads what a dead worker said last
-            try:
-                data = os.read(child.status_fd, 4096)
-            except BlockingIOError:
-                return
-            except OSError:
-                data = b""
-            if not data:
-                self._close_status(child)
-                return
-            self._on_lines(child, data)
+        if any([self.on_status(child, word, arg) for word, arg in read_status(child)]):
+            self.wake()
 
-    def _on_lines(self, child: Child, data: bytes) -> None:
-        child.buffer += data
-        *lines, child.buffer = child.buffer.split(b"\n")
-        for line in lines:
-            word, _, arg = line.decode().partition(" ")
-            now = time.monotonic()
-            if word in ("busy", "idle", "ready"):
-                child.busy = word == "busy"
-            if word == "idle":
-                child.deadline = now + self.cfg.workers.heartbeat_timeout_s
-            elif word == "busy":
-                workers, queue = self.cfg.workers, self.cfg.queue
-                child.deadline = now + float(arg) + queue.cancel_grace_s + workers.kill_grace_s
-            elif word == "cancel" and child.deadline:
-                # Without this, a query that ignores interrupts would hold its worker until its
-                # original deadline (query_timeout_s, 300 s by default) after its client left.
-                grace = self.cfg.queue.cancel_grace_s + self.cfg.workers.kill_grace_s
-                child.deadline = min(child.deadline, now + grace)
-            elif word == "ready":
-                child.deadline = now + self.cfg.workers.heartbeat_timeout_s
-                self.on_ready(child)
-            elif word == "retire":
-                self.on_retire(child, arg)
+    def on_status(self, child: Child, word: str, arg: str) -> bool:
+        """One status line; True if the table's wanted state may have changed."""
+        now = time.monotonic()
+        workers, queue = self.cfg.workers, self.cfg.queue
+        if word in ("busy", "idle", "ready"):
+            child.busy = word == "busy"
+        if word == "idle":
+            child.deadline = now + workers.heartbeat_timeout_s
+        elif word == "busy":
+            child.deadline = now + float(arg) + queue.cancel_grace_s + workers.kill_grace_s
+        elif word == "cancel" and child.deadline:
+            # Without this, a query that ignores interrupts would hold its worker until its
+            # original deadline (query_timeout_s, 300 s by default) after its client left.
+            child.deadline = min(child.deadline, now + queue.cancel_grace_s + workers.kill_grace_s)
+        elif word == "ready":
+            child.deadline = now + workers.heartbeat_timeout_s
+            child.ready = True
+            log.info("worker_ready", slot=child.slot, child_pid=child.pid)  # as we see it
+            return True
+        elif word == "recycle" and child.recycle is None:
+            child.recycle = arg
+            log.info("recycling", slot=child.slot, child_pid=child.pid, reason=arg)
+            return True
+        return False
 
-    def _close_status(self, child: Child) -> None:
-        if child.status_fd >= 0:
-            asyncio.get_running_loop().remove_reader(child.status_fd)
-            os.close(child.status_fd)
-            child.status_fd = -1
-
-    def on_ready(self, child: Child) -> None:
-        child.ready = True
-        log.info("worker_ready", slot=child.slot, child_pid=child.pid)  # as the supervisor sees it
-        old = child.replaces
-        child.replaces = None
-        if old is not None and old.pid in self.children:
-            self.retire(old, old.leaving or "replaced")
-
-    def on_retire(self, child: Child, reason: str) -> None:
-        if self.stopping or child.replacement is not None or child.leaving:
-            return
-        child.leaving = reason
-        log.info("recycling", slot=child.slot, child_pid=child.pid, reason=reason)
-        self.spawn_worker(child.slot, replaces=child)
-
-    def retire(self, child: Child, reason: str) -> None:
-        """A planned exit: the worker says Bye, finishes what it was sent, and leaves."""
-        child.leaving = reason
-        _signal(child.pid, signal.SIGTERM)
-
-    # --- reap and replace ---
+    # --- reap ---
 
     def reap(self) -> None:
         while True:
@@ -291,144 +321,109 @@ class Supervisor:
                 return
             if pid == 0:
                 return
-            child = self.children.pop(pid, None)
+            child = self.table.pop(pid, None)
             if child is None:
                 continue
-            if child.status_fd >= 0:
-                self._on_status(child)  # its last lines: a retire, or the query it was running
-            self._close_status(child)
+            for word, arg in read_status(child):  # its last lines: a recycle, or a query
+                self.on_status(child, word, arg)
+            close_status(child)
             code = os.waitstatus_to_exitcode(status)
-            child.exited.set_result(code)
             if child.role == "worker":
                 self.tell_gateway(f"exited {pid} {code}")
-            how = {"signal": signal.Signals(-code).name} if code < 0 else {"exit_code": code}
-            uptime = round(time.monotonic() - child.started, 3)
-            if child.leaving and child.ready and code in (0, -signal.SIGTERM):
-                log.info("exited", process=child.role, slot=child.slot, child_pid=pid,
-                         uptime_s=uptime, planned=child.leaving, **how)
-            elif self.stopping:
-                log.info("exited", process=child.role, slot=child.slot, child_pid=pid,
-                         uptime_s=uptime, **how)
-            elif child.role == "worker" and code == OVER_MEMORY:
-                log.warning("exited", process=child.role, slot=child.slot, child_pid=pid,
-                            uptime_s=uptime, planned="out_of_memory", **how)
-                self.crashes.pop(child.slot, None)  # the query's doing, not the slot's: no backoff
-                self.replace(child, code)
             else:
-                log.warning("crashed", process=child.role, slot=child.slot, child_pid=pid,
-                            uptime_s=uptime, busy=child.busy, **how)
-                self.replace(child, code)
+                shm.sweep(shm.owner_prefix(self.pid, child.pid))
+            self.on_exit(child, code)
 
-    def replace(self, child: Child, code: int) -> None:
-        if child.role == "gateway":
-            shm.sweep(shm.owner_prefix(self.pid, child.pid))
-            self.spawn_gateway()
-            return
-        if code == BOOT_FAILED:
-            if self._rolling is not None and not self._rolling.done():
-                log.error("reload_failed", reason="a new worker could not boot; old workers kept")
-                self._rolling.cancel()
-                if child.replaces is not None:
-                    child.replaces.leaving = None
-                    child.replaces.replacement = None
-                return
-            log.error("worker_cannot_boot", slot=child.slot,
-                      hint="see the worker_boot_failed line above; stopping")
-            self.exit_code = 1
-            self.stopping = "graceful"
-            self._signals.put_nowait(signal.SIGTERM)
-            return
-        if child.replacement is not None and child.replacement.pid in self.children:
-            child.replacement.replaces = None  # it takes the slot now; nothing to add
-            return
-        if child.slot not in self.slots and child.replaces is None:
-            return  # scaled down
-        # Backoff is for a slot whose workers die on their own (at boot, or idle). One that
-        # died running a query was killed by it (or for it, at its deadline): replaced at once.
+    def on_exit(self, child: Child, code: int) -> None:
+        how = {"signal": signal.Signals(-code).name} if code < 0 else {"exit_code": code}
+        fields = dict(process=child.role, slot=child.slot, child_pid=child.pid,
+                      uptime_s=round(time.monotonic() - child.started, 3), **how)
+        planned = child.retired or child.recycle
+        if self.stop.mode not in (None, "drain"):
+            log.info("exited", **fields)
+        elif planned and code in (0, -signal.SIGTERM):
+            log.info("exited", planned=planned, **fields)
+        elif child.role == "worker" and code == OVER_MEMORY:
+            log.warning("exited", planned="out_of_memory", **fields)
+            self.crashes.pop(child.slot, None)  # the query's doing, not the slot's: no backoff
+        elif child.role == "worker" and code == BOOT_FAILED:
+            self.boot_failed(child)
+        else:
+            log.warning("crashed", busy=child.busy, **fields)
+            if child.role == "worker":
+                self.back_off(child)
+
+    def back_off(self, child: Child) -> None:
+        """Backoff is for a slot whose workers die on their own (at boot, or idle). One that
+        died running a query was killed by it (or for it, at its deadline): replaced at once."""
         count = self.crashes.get(child.slot, 0) + (not child.busy)
         if time.monotonic() - child.started > STABLE_S:
             count = 1
         self.crashes[child.slot] = count
-        delay = 0.0 if count <= 1 or child.busy else min(0.1 * 2 ** (count - 2),
-                                                          self.cfg.workers.crash_backoff_max_s)
-        if delay:
+        if count > 1 and not child.busy:
+            delay = min(0.1 * 2 ** (count - 2), self.cfg.workers.crash_backoff_max_s)
             log.warning("crash_backoff", slot=child.slot, consecutive=count, delay_s=delay)
-        old = child.replaces if child.replaces is not None and child.replaces.pid in self.children else None
-        asyncio.get_running_loop().call_later(delay, self._respawn, child.slot, old)
+            self.not_before[child.slot] = time.monotonic() + delay
 
-    def _respawn(self, slot: int, replaces: Child | None) -> None:
-        if not self.stopping and (slot in self.slots or replaces is not None):
-            self.spawn_worker(slot, replaces)
+    def boot_failed(self, child: Child) -> None:
+        if child.generation != self.plan.generation:
+            log.info("exited", process="worker", slot=child.slot, child_pid=child.pid,
+                     exit_code=BOOT_FAILED, stale=self.stale(child))
+        elif self.fallback is not None:
+            log.error("reload_failed", reason="a new worker could not boot (see worker_boot_failed); "
+                      "the previous configuration is kept")
+            self.plan, self.fallback = self.fallback, None
+            self._publish()
+        else:
+            log.error("worker_cannot_boot", slot=child.slot,
+                      hint="see the worker_boot_failed line above; stopping")
+            self.exit_code = 1
+            self.stop.begin("graceful")
 
-    # --- liveness ---
+    # --- reload and resize: they change the plan; the turns replace the workers ---
 
-    async def watch(self) -> None:
-        while True:
-            await asyncio.sleep(0.25)
-            now = time.monotonic()
-            for child in list(self.children.values()):
-                if child.role == "worker" and child.deadline and now > child.deadline:
-                    log.warning("worker_unresponsive", slot=child.slot, child_pid=child.pid,
-                                ready=child.ready)
-                    child.deadline = 0.0
-                    _signal(child.pid, signal.SIGKILL)
-
-    # --- reload and scale ---
-
-    async def reload(self) -> None:
+    def reload(self) -> None:
+        """SIGHUP: read engine.toml again and plan memory for it; every worker is stale then."""
         try:
             cfg = config_mod.load(self.config_path, overrides=self.overrides)
             plan = memory.plan(cfg)
         except config_mod.ConfigError as exc:
-            log.error("reload_failed", error=str(exc))
+            log.error("reload_failed", error=str(exc), **_numbers(exc))
             return
-        fixed = [s for s in ("server", "queue", "results", "auth", "query_cache")
-                 if getattr(cfg, s) != getattr(self.cfg, s)]
+        fixed = [s for s in RESTART_SECTIONS if getattr(cfg, s) != getattr(self.cfg, s)]
         if fixed:
             log.warning("reload_needs_restart", sections=fixed,
                         hint="these sections apply at the next start")
         cfg = msgspec.structs.replace(cfg, **{s: getattr(self.cfg, s) for s in fixed})
-        self.cfg, self.memory_limit = cfg, plan.worker_limit
-        self.write_config()
-        for gateway in [c for c in self.children.values() if c.role == "gateway"]:
-            _signal(gateway.pid, signal.SIGHUP)  # it reads [catalog] again
-        log.info("reloading", workers=cfg.worker_count)
-        for old in sorted(self._workers(), key=lambda c: c.slot):
-            if old.slot >= cfg.worker_count:
-                continue
-            new = self.spawn_worker(old.slot, replaces=old)
-            old.leaving = "reload"
-            await asyncio.wait({old.exited, new.exited}, return_when=asyncio.FIRST_COMPLETED)
-            if new.exited.done():
-                log.error("reload_failed", reason="a new worker died before it was ready")
-                return
-        self.resize(cfg.worker_count)
-        log.info("reloaded", workers=cfg.worker_count)
+        self.fallback = self.fallback or self.plan  # the last plan known to boot
+        self.plan = Plan(cfg, next(self._generations), cfg.worker_count, plan.worker_limit)
+        self._publish()
+        log.info("reloading", workers=self.plan.count, generation=self.plan.generation,
+                 memory_limit_bytes=plan.worker_limit, memory_plan=plan.describe())
 
-    def scale(self, step: int) -> None:
-        self.resize(max(1, len(self.slots) + step))
+    def _publish(self) -> None:
+        """Workers spawned from now on read this configuration; the gateway reads [catalog]."""
+        self.write_config()
+        gateway = self.gateway()
+        if gateway is not None:
+            signal_child(gateway, signal.SIGHUP)
 
     def resize(self, count: int) -> None:
-        current = set(self.slots)
-        self.slots = set(range(count))
-        for slot in sorted(self.slots - current):
-            self.spawn_worker(slot)
-        for child in self._workers():
-            if child.slot not in self.slots:
-                self.retire(child, "scaled_down")
-        log.info("workers", count=count)
+        """SIGTTIN / SIGTTOU: plan memory for `count` workers, or refuse with the numbers."""
+        try:
+            plan = memory.plan(self.cfg, workers=count)
+        except memory.PlanError as exc:
+            log.warning("workers_refused", count=count, current=self.plan.count, error=str(exc),
+                        **_numbers(exc))
+            return
+        self.plan = Plan(self.cfg, self.plan.generation, count, plan.worker_limit)
+        log.info("workers", count=count, memory_limit_bytes=plan.worker_limit,
+                 memory_plan=plan.describe())
 
-    def _workers(self) -> list[Child]:
-        return [c for c in self.children.values() if c.role == "worker" and not c.leaving]
+    # --- the end ---
 
-    # --- stop ---
-
-    async def stop(self, quick: bool = False) -> None:
-        grace = QUICK_GRACE_S if quick else self.cfg.server.shutdown_grace_s
-        gateways = [c for c in self.children.values() if c.role == "gateway"]
-        await self._terminate(gateways, grace + (0 if quick else 2))
-        workers = [c for c in self.children.values() if c.role == "worker"]
-        await self._terminate(workers, grace)
+    def close(self) -> None:
+        """After the stop: nothing of this fleet is left on the machine."""
         for listener in self.listeners:
             listener.close()
         if self.cfg.server.unix_socket:
@@ -439,34 +434,13 @@ class Supervisor:
             self._gateway_events = -1
         if self.runtime is not None:
             shutil.rmtree(self.runtime, ignore_errors=True)
-        log.info("stopped", exit_code=self.exit_code, quick=quick)
-
-    async def _terminate(self, children: list[Child], grace: float) -> None:
-        for child in children:
-            child.leaving = child.leaving or "stop"
-            _signal(child.pid, signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        while any(not c.exited.done() for c in children) and time.monotonic() < deadline:
-            try:
-                sig = await asyncio.wait_for(self._signals.get(), 0.1)
-            except TimeoutError:
-                sig = signal.SIGCHLD
-            if sig == signal.SIGCHLD:
-                self.reap()
-        for child in children:
-            if not child.exited.done():
-                log.warning("killing", process=child.role, slot=child.slot, child_pid=child.pid)
-                _signal(child.pid, signal.SIGKILL)
-        while any(not c.exited.done() for c in children):
-            await asyncio.sleep(0.01)
-            self.reap()
+        log.info("stopped", exit_code=self.exit_code, quick=self.stop.mode == "quick")
 
 
-def _signal(pid: int, sig: int) -> None:
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
+def _numbers(exc: Exception) -> dict:
+    if isinstance(exc, memory.PlanError):
+        return {"budget_bytes": exc.budget, "need_bytes": exc.need}
+    return {}
 
 
 def parse_args(argv=None) -> tuple[argparse.Namespace, dict]:

@@ -14,11 +14,13 @@ token may read is decided by DuckDB's catalog and file system checks, not by rea
 A result is encoded straight into the segment the gateway lent with the query; the worker
 replies with its length and keeps nothing. Failures are replied as typed Failure messages,
 with the server's paths taken out (engine/redact.py: paths under data_dir are shown relative
-to it). Only a broken gateway connection or SIGTERM ends the loop (after the current query),
-and an internal error: DuckDB's internal and fatal errors (also as pyarrow's OSError) mean
+to it). A gateway that went away is rejoined when it is replaced, unless the supervisor has
+said the fleet is stopping (SIGUSR2): then the worker leaves, quietly. Only SIGTERM (after
+the current query: the supervisor retires the worker) ends the loop otherwise, and an
+internal error: DuckDB's internal and fatal errors (also as pyarrow's OSError) mean
 this instance can no longer be trusted, so the worker says Bye before it answers (the gateway
 sends it nothing more and readiness no longer counts it), tells the supervisor to start its
-replacement (`retire internal_error`), and leaves.
+replacement (`recycle internal_error`), and leaves.
 
 Memory: while a query runs a watch thread (engine/memwatch.py) reads RSS; past memory_limit +
 workers.rss_margin_mb the worker says Bye and fails the query with OUT_OF_MEMORY, then exits at
@@ -67,8 +69,11 @@ class Worker:
     """The work loop. Main thread: queries, hygiene, heartbeats. Reader thread: the socket."""
 
     def __init__(self, worker_id: int, cfg: config_mod.Config, instances: Instances,
-                 sock: socket.socket, reopen, status_fd: int, redact=lambda text: text):
+                 sock: socket.socket, reopen, status_fd: int, redact=lambda text: text,
+                 fleet_stopping: threading.Event | None = None):
         self.worker_id = worker_id
+        # SIGUSR2 from the supervisor: the fleet stops, so the gateway letting go is no loss.
+        self.fleet_stopping = fleet_stopping or threading.Event()
         self.redact = redact  # takes the server's paths out of error messages
         self.cfg = cfg
         # Object storage: the prefix every file a query names must be under (engine/policy.py).
@@ -92,7 +97,7 @@ class Worker:
         self.connections = 1
         self.rss_at_connect = self.rss_at_trim = current_rss()
         self.leaving: str | None = None  # set by SIGTERM: say Bye, finish, exit
-        self.retiring: str | None = None  # a limit was reached and the supervisor was told
+        self.recycling: str | None = None  # a limit was reached and the supervisor was told
         self.broken = False  # DuckDB reported an internal error: answer, then leave at once
         self._send_lock = threading.Lock()
         self.rss_cap = (instances.memory_limit + workers.rss_margin_mb * 2**20
@@ -141,7 +146,7 @@ class Worker:
         At shutdown the gateway is gone before workers get SIGTERM, so a gateway that hears
         this Bye is seeing a planned replacement (a recycling limit, a reload, a scale-down).
         """
-        self.leaving = self.retiring or "replaced"
+        self.leaving = self.recycling or "replaced"
         self.inbox.put(WAKE)
 
     # --- the socket ---
@@ -161,7 +166,10 @@ class Worker:
                 elif isinstance(message, protocol.Cancel):
                     self._cancel(message.id, tell_supervisor=True)
         except (OSError, protocol.ProtocolError) as exc:
-            log.warning("gateway_connection_failed", error=str(exc))
+            if self.fleet_stopping.is_set():  # a gateway that exits may reset its sockets
+                log.info("gateway_connection_closed", error=str(exc))
+            else:
+                log.warning("gateway_connection_failed", error=str(exc))
         self._cancel(None)
         self.inbox.put(None)
 
@@ -260,25 +268,25 @@ class Worker:
             # Not a recycling limit: this instance must not serve another query, so it stops
             # taking them now (Bye), without waiting for its replacement to be ready.
             self.leaving = "internal_error"
-            if not self.retiring:  # else the supervisor is starting a replacement already
-                self.retiring = "internal_error"
-                log.error("worker_retiring", worker=self.worker_id, reason=self.retiring,
+            if not self.recycling:  # else the supervisor is starting a replacement already
+                self.recycling = "internal_error"
+                log.error("worker_recycling", worker=self.worker_id, reason=self.recycling,
                           queries=self.queries, rss=rss)
-                self.status(f"retire {self.retiring}")
+                self.status(f"recycle {self.recycling}")
             return
-        if self.retiring:
+        if self.recycling:
             return
         workers = self.cfg.workers
         if self.max_queries and self.queries >= self.max_queries:
-            self.retiring = "max_queries"
+            self.recycling = "max_queries"
         elif workers.max_rss_mb and rss > workers.max_rss_mb * 2**20:
-            self.retiring = "max_rss"
+            self.recycling = "max_rss"
         elif workers.max_age_s and time.monotonic() - self.born > workers.max_age_s:
-            self.retiring = "max_age"
-        if self.retiring:
-            log.info("worker_retiring", worker=self.worker_id, reason=self.retiring,
+            self.recycling = "max_age"
+        if self.recycling:
+            log.info("worker_recycling", worker=self.worker_id, reason=self.recycling,
                      queries=self.queries, rss=rss)
-            self.status(f"retire {self.retiring}")
+            self.status(f"recycle {self.recycling}")
 
     def _no_such_table(self, con, exc: duckdb.Error) -> str:
         """DuckDB suggests system tables for a name it does not know; name the real ones."""
@@ -426,7 +434,11 @@ def main(argv=None) -> int:
     # about 2.5 times as deep as JSON (the C decoder's frames are small).
     sys.setrecursionlimit(max(sys.getrecursionlimit(), 10_000))
     os.umask(0o077)  # DuckDB's temp files and directories are this user's alone
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when workers stop
+    # The supervisor decides when workers stop (a terminal's Ctrl-C or Ctrl-\ reaches us too).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGQUIT, signal.SIG_IGN)
+    fleet_stopping = threading.Event()
+    signal.signal(signal.SIGUSR2, lambda *_: fleet_stopping.set())
     runtime = Path(args.runtime_dir)
     cfg = config_mod.decode((runtime / "config.json").read_bytes())
     global log
@@ -448,7 +460,7 @@ def main(argv=None) -> int:
         return BOOT_FAILED
     malloc_trim()
     worker = Worker(args.id, cfg, instances, sock, reopen, args.status_fd,
-                    Redactor(cfg.catalog.data_dir, str(runtime)))
+                    Redactor(cfg.catalog.data_dir, str(runtime)), fleet_stopping)
     signal.signal(signal.SIGTERM, lambda *_: worker.leave())
     log.info("ready", process="worker", slot=args.id, **settings)
     while True:
@@ -456,7 +468,7 @@ def main(argv=None) -> int:
         threading.Thread(target=worker.read_loop, name="socket-reader", daemon=True).start()
         worker.serve()
         worker.sock.close()
-        if worker.leaving:
+        if worker.leaving or fleet_stopping.is_set():
             break
         # The gateway went away (it is being replaced): keep DuckDB warm and rejoin the new one.
         log.warning("gateway_lost", worker=args.id)

@@ -2,9 +2,12 @@
 
 It serves HTTP on listening sockets the supervisor owns and passes down (so a gateway restart
 never closes them), and accepts worker connections on <runtime>/workers.sock. It owns every
-shared-memory segment (engine/shm.py). SIGTERM: stop accepting, let in-flight requests finish
-within shutdown_grace_s, unlink all segments, exit. It is also the signal it gets when the
-supervisor dies, so segments are cleaned up then too.
+shared-memory segment (engine/shm.py). Signals, from the supervisor (engine/stopping.py):
+SIGUSR2 drain (readiness answers 503, the rest is served as before); SIGTERM graceful stop:
+stop accepting, let in-flight requests finish within shutdown_grace_s, answer what is left
+503 (gateway/lifecycle.py), unlink all segments, exit; SIGQUIT quick stop: the same without
+waiting. SIGTERM is also what it gets when the supervisor dies, so segments are cleaned up
+then too.
 """
 
 from __future__ import annotations
@@ -30,24 +33,29 @@ from gateway import access, auth, connections as connections_mod, handlers, rate
 from gateway.cache import QueryCache
 from gateway.catalog import Catalog
 from gateway.fleet import Fleet
+from gateway.lifecycle import LIFECYCLE, Lifecycle
 from gateway.metrics import Metrics
 from gateway.segments import SegmentPool
 from gateway.spill import Spills
 from gateway.run import Runner
 from gateway.streams import StreamSlots
 
+CUT_MARGIN_S = 5.0  # after the grace, the time the requests cut have to answer and go
 FD_SPARE = 256  # descriptors kept for everything but connections, segments and worker sockets
 
 
 def make_app(fleet: Fleet, cfg: config_mod.Config, catalog: Catalog,
              cache: QueryCache | None = None,
-             connections: connections_mod.Connections | None = None) -> web.Application:
+             connections: connections_mod.Connections | None = None,
+             lifecycle: Lifecycle | None = None) -> web.Application:
     """Middlewares, outermost first: observe (request id, access log, metrics), errors (JSON
-    errors), connection limits, auth (when enabled), rate limit (when enabled), the body's
-    deadline; then the handler."""
+    errors), the stop's bookkeeping, connection limits, auth (when enabled), rate limit (when
+    enabled), the body's deadline; then the handler."""
     if connections is None:
         connections = make_connections(cfg, fleet.segments.limit)
-    middlewares = [access.observe, handlers.errors_middleware, connections_mod.middleware(connections)]
+    lifecycle = lifecycle or Lifecycle()
+    middlewares = [access.observe, handlers.errors_middleware, lifecycle.middleware,
+                   connections_mod.middleware(connections)]
     if cfg.auth.enabled:
         middlewares.append(auth.middleware(auth.TokenStore(cfg.auth.tokens_file)))
     if cfg.server.rate_limit_per_s > 0:
@@ -59,6 +67,7 @@ def make_app(fleet: Fleet, cfg: config_mod.Config, catalog: Catalog,
     app[handlers.CONFIG] = cfg
     app[handlers.CATALOG] = catalog
     app[handlers.CONNECTIONS] = connections
+    app[LIFECYCLE] = lifecycle
     runner = app[handlers.RUNNER] = Runner(fleet, catalog, cache,
                                            StreamSlots(cfg.results.max_streams_per_client))
     app[render.MIN_SEND_BYTES] = cfg.results.min_send_kbps * 1000
@@ -69,6 +78,7 @@ def make_app(fleet: Fleet, cfg: config_mod.Config, catalog: Catalog,
                                   cache.stats if cache else None)
     app[access.SLOW_QUERY_MS] = cfg.server.slow_query_ms
     app.on_response_prepare.append(access.add_request_id)
+    app.on_response_prepare.append(lifecycle.on_response_prepare)
     app.add_routes(handlers.routes(cfg.server.console))
     return app
 
@@ -148,21 +158,30 @@ async def serve(runtime: Path, supervisor_pid: int, listen_fds: list[int],
         os.umask(old_umask)
 
     # handler_cancellation: a client that disconnects cancels its request, wherever it is.
+    # aiohttp's own shutdown timeout comes after ours (stop() below): it never cuts first.
     connections = make_connections(cfg, segments.limit)
-    runner = web.AppRunner(make_app(fleet, cfg, catalog, cache, connections), handle_signals=False,
-                           access_log=None, shutdown_timeout=cfg.server.shutdown_grace_s,
+    lifecycle = Lifecycle()
+    runner = web.AppRunner(make_app(fleet, cfg, catalog, cache, connections, lifecycle),
+                           handle_signals=False, access_log=None,
+                           shutdown_timeout=cfg.server.shutdown_grace_s + CUT_MARGIN_S,
                            handler_cancellation=True,
                            keepalive_timeout=cfg.server.keepalive_timeout_s)
     await runner.setup()
     for fd in listen_fds:
         sock = socket.socket(fileno=fd)
         await connections_mod.GuardedSite(runner, sock, connections, backlog=1024).start()
-    stop = asyncio.Event()
+    stopping, quick = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
     if events_fd >= 0:
         read_worker_exits(loop, events_fd, fleet)
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGTERM, stopping.set)
+    loop.add_signal_handler(signal.SIGQUIT, lambda: (quick.set(), stopping.set()))
     loop.add_signal_handler(signal.SIGINT, lambda: None)  # the supervisor decides
+
+    def drain() -> None:
+        lifecycle.draining = True
+        log.info("draining")
+    loop.add_signal_handler(signal.SIGUSR2, drain)
     reloads: set[asyncio.Task] = set()
 
     def reload() -> None:  # SIGHUP from the supervisor: it rewrote config.json
@@ -172,9 +191,8 @@ async def serve(runtime: Path, supervisor_pid: int, listen_fds: list[int],
         task.add_done_callback(reloads.discard)
     loop.add_signal_handler(signal.SIGHUP, reload)
     log.info("ready", process="gateway", listen_fds=listen_fds, auth=cfg.auth.enabled)
-    await stop.wait()
-    log.info("gateway_stopping")
-    await runner.cleanup()  # stops listening, waits for in-flight requests
+    await stopping.wait()
+    await stop(runner, lifecycle, quick, cfg.server.shutdown_grace_s)
     worker_server.close()
     if cache is not None:
         cache.close()  # before the pool: its segments go back to it
@@ -183,6 +201,21 @@ async def serve(runtime: Path, supervisor_pid: int, listen_fds: list[int],
     spills.close()
     worker_socket.unlink(missing_ok=True)
     log.info("gateway_stopped")
+
+
+async def stop(runner: web.AppRunner, lifecycle: Lifecycle, quick: asyncio.Event,
+               grace: float) -> None:
+    """Stop listening and let in-flight requests finish, until the grace ends or a quick stop
+    is asked for: then what is left is cut (answered 503 if it can still be)."""
+    log = log_mod.get()
+    log.info("gateway_stopping", quick=quick.is_set())
+    cleanup = asyncio.ensure_future(runner.cleanup())
+    hurry = asyncio.ensure_future(quick.wait())
+    await asyncio.wait({cleanup, hurry}, timeout=grace, return_when=asyncio.FIRST_COMPLETED)
+    if not cleanup.done():
+        log.info("requests_cut", requests=lifecycle.cut(), quick=quick.is_set())
+    await cleanup
+    hurry.cancel()
 
 
 def main(argv=None) -> int:
@@ -194,6 +227,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     die_with_parent(args.supervisor_pid, signal.SIGTERM)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until serve() handles it: a reload, not a stop
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)  # until serve() handles it: a drain, not a stop
+    signal.signal(signal.SIGQUIT, lambda *_: os._exit(0))  # a quick stop before serve(): no core dump
     os.umask(0o077)  # nothing the gateway creates is for other users
     prometheus_client.disable_created_metrics()  # no *_created series: they only add noise
     # The planning thread walks parse trees as deep as DuckDB accepts (1,000 expressions, a

@@ -20,6 +20,7 @@ from gateway.connections import Connections
 from gateway.cache import QueryCache
 from gateway.catalog import Catalog
 from gateway.fleet import Fleet
+from gateway.lifecycle import LIFECYCLE
 from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gateway.run import Ask, Runner
 
@@ -130,6 +131,9 @@ async def live(request: web.Request) -> web.Response:
 
 async def ready(request: web.Request) -> web.Response:
     fleet = request.app[FLEET]
+    if request.app[LIFECYCLE].draining:  # SIGTERM with server.drain_s: balancers move away
+        return web.json_response({"ready": False, "workers_ready": fleet.ready, "draining": True},
+                                 status=503)
     status = 200 if fleet.ready else 503
     return web.json_response({"ready": bool(fleet.ready), "workers_ready": fleet.ready},
                              status=status)

@@ -73,7 +73,8 @@ SCHEMAS = {
     "Ready": {
         "type": "object", "required": ["ready", "workers_ready"],
         "properties": {"ready": {"type": "boolean"},
-                       "workers_ready": {"type": "integer", "minimum": 0}},
+                       "workers_ready": {"type": "integer", "minimum": 0},
+                       "draining": {"const": True}},  # only while the node drains
     },
     "Stats": {
         "type": "object",
@@ -227,7 +228,7 @@ def document(request_struct: type, auth_enabled: bool, console_on: bool) -> dict
     health = _get("liveness and workers connected", _json(_ref("Health"), "health"))
     ready = {"summary": "ready when a worker is connected",
              "responses": {"200": _json(_ref("Ready"), "ready"),
-                           "503": _json(_ref("Ready"), "no worker connected yet")}}
+                           "503": _json(_ref("Ready"), "no worker connected yet, or the node drains (SIGTERM with server.drain_s)")}}
     paths = {
         "/api/v1/query": {"post": _query_operation("run one read-only SQL statement", FORMATS)},
         "/api/v1/query/arrow": {"post": _query_operation("run a query, answer Arrow IPC", ["arrow"])},

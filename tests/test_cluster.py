@@ -145,7 +145,6 @@ def _answers(port: int) -> bool:
         return False
 
 
-@pytest.mark.xfail(strict=True, reason="needs server.drain_s")
 def test_sigterm_drain_contract(make_server):
     """The drain the balancers rely on: on SIGTERM /health/ready turns 503 at once while the
     node keeps answering queries for server.drain_s, then it stops cleanly."""

@@ -61,7 +61,7 @@ def test_internal_error_retires_the_worker_after_it_answers(make_server, tmp_pat
     assert broken not in srv.worker_pids()
     wait_for(lambda: srv.stats()["recycled_by_reason"].get("internal_error") == 1, 10,
              what="the broken worker counted as recycled")
-    assert [e["reason"] for e in srv.events("worker_retiring")] == ["internal_error"]
+    assert [e["reason"] for e in srv.events("worker_recycling")] == ["internal_error"]
     left = [e for e in srv.events("worker_left") if e["worker_pid"] == broken]
     assert [e["reason"] for e in left] == ["internal_error"]
     assert not srv.events("crashed") and srv.stats()["crashed"] == 0
@@ -230,5 +230,5 @@ def test_sql_error_found_mid_result_is_a_400_and_the_worker_serves_on(make_serve
         resp = srv.query(sql, format=fmt)
         assert resp.status == 400 and resp.json()["error_type"] == "sql_error", (fmt, resp)
         assert "Conversion Error" in resp.json()["error"]
-    assert srv.worker_pids() == [worker] and not srv.events("worker_retiring")
+    assert srv.worker_pids() == [worker] and not srv.events("worker_recycling")
     assert srv.query("SELECT 1 AS ok").json()["data"] == [[1]]

@@ -149,13 +149,23 @@ def endless_query_running(srv):
     return t, result
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGQUIT])
-def test_quick_stop(make_server, sig):
+@pytest.mark.parametrize("signals", [(signal.SIGQUIT,), (signal.SIGINT, signal.SIGINT),
+                                     (signal.SIGTERM, signal.SIGINT)], ids=["quit", "int-int", "term-int"])
+def test_quick_stop(make_server, signals):
+    """SIGQUIT, or a second SIGINT or SIGTERM during a graceful stop (the first one waits up to
+    shutdown_grace_s, 30 s): the server exits promptly, and the client still gets an answer."""
     srv = make_server().start()
     t, result = endless_query_running(srv)
-    assert srv.stop(sig, timeout=30) == 0
+    *first, last = signals
+    for sig in first:
+        srv.send_signal(sig)
+        wait_for(lambda: srv.event("gateway_stopping"), 20, what="the graceful stop to begin")
+        assert srv.event("stopping")["mode"] == "graceful" and t.is_alive()
+    assert srv.stop(last, timeout=30) == 0
     t.join(30)
     assert "error" in result or result["resp"].status >= 500
+    assert result["resp"].status == 503 and result["resp"].headers["Retry-After"], result
+    assert result["resp"].json()["error_type"] == "overloaded"
     assert srv.event("stopped")["quick"] is True
     assert_no_leaks(srv)
 
