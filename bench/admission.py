@@ -29,7 +29,8 @@ import aiohttp
 import duckdb
 
 from bench.common import demo_server, fetch_arrow, percentile, timed, write_report
-from engine.shm import SHM_DIR, ChunkWriter, Segment
+from engine.shm import SHM_DIR, ChunkWriter
+from gateway.segments import Segment
 from tests.harness import Server
 
 TEN_MILLION = "SELECT i, i * 2 AS j, i % 7 AS k FROM range(10000000) t(i)"

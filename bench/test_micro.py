@@ -6,7 +6,7 @@ Not collected by the default `python -m pytest` (testpaths = ["tests"]), and no 
 thresholds: these report timings, they do not judge them.
   - protocol: one Query frame and one Result frame, packed and unpacked (engine/protocol.py)
   - shared memory: 8 MiB written through a ChunkWriter into a Segment, and read back by the
-    mapping the gateway holds (engine/shm.py)
+    mapping the gateway holds (gateway/segments.py)
   - encoders: a 100,000-row result as JSON, CSV and Arrow (engine/encode.py)
 """
 
@@ -21,7 +21,8 @@ import pytest
 
 from engine import protocol
 from engine.encode import write_result
-from engine.shm import SHM_DIR, ChunkWriter, Segment, fleet_prefix
+from engine.shm import SHM_DIR, ChunkWriter, fleet_prefix
+from gateway.segments import Segment
 
 MIB = 2 ** 20
 SEGMENT_BYTES = 8 * MIB

@@ -74,6 +74,8 @@ class WorkersConfig(_Section):
     rss_margin_mb: NonNegInt = 512
     rss_check_ms: Annotated[int, Meta(ge=10, le=1000)] = 50  # how often RSS is read during a query
     crash_backoff_max_s: PositiveFloat = 8.0
+    # How often a running query reports its progress (GET /api/v1/queries); 0 = never.
+    progress_ms: NonNegInt = 500
 
 
 class DuckDBConfig(_Section):
@@ -84,7 +86,8 @@ class DuckDBConfig(_Section):
     force_memory_limit: bool = False  # start even if workers x limit + overhead exceeds the budget
 
 
-Priority = Literal["high", "normal", "low"]
+PRIORITIES = ("high", "normal", "low")  # first served first (gateway/fleet.py)
+Priority = Literal[PRIORITIES]
 
 
 class QueueConfig(_Section):

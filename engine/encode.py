@@ -30,15 +30,6 @@ import pyarrow.parquet as pq
 
 from engine.catalog import quote_ident
 
-FORMATS = ("json", "arrow", "csv", "ndjson", "parquet")
-MEDIA_TYPES = {
-    "json": "application/json",
-    "arrow": "application/vnd.apache.arrow.stream",
-    "csv": "text/csv; charset=utf-8",
-    "ndjson": "application/x-ndjson",
-    "parquet": "application/vnd.apache.parquet",
-}
-
 _ISO = "'%Y-%m-%dT%H:%M:%S.%f'"
 _TIMESTAMPS = {"timestamp", "timestamp_s", "timestamp_ms", "timestamp_ns"}
 _TEXT = {"varchar", "enum", "uuid"}
@@ -83,83 +74,90 @@ def csv_value(x: str, t: duckdb.DuckDBPyType) -> str:
     return f"({json_value(x, t)}) ->> '$'"
 
 
-def write_result(rel: duckdb.DuckDBPyRelation, fmt: str, sink, batch_rows: int) -> int:
+class Tally:
+    """Rows written so far: read by the worker's progress thread while the result is written."""
+
+    __slots__ = ("rows",)
+
+    def __init__(self):
+        self.rows = 0
+
+
+def write_result(rel: duckdb.DuckDBPyRelation, fmt: str, sink, batch_rows: int,
+                 tally: Tally | None = None) -> int:
     """Encode rel into sink (a binary file object) in fmt; returns the row count."""
+    tally = tally or Tally()
     if fmt == "arrow":
-        return _write_arrow(rel, sink, batch_rows)
-    if fmt == "parquet":
-        return _write_parquet(rel, sink, batch_rows)
-    if fmt == "csv":
-        return _write_csv(rel, sink, batch_rows)
-    if fmt == "ndjson":
+        _write_arrow(rel, sink, batch_rows, tally)
+    elif fmt == "parquet":
+        _write_parquet(rel, sink, batch_rows, tally)
+    elif fmt == "csv":
+        _write_csv(rel, sink, batch_rows, tally)
+    elif fmt == "ndjson":
         pairs = ", ".join(f"'{_sql_str(name)}', {json_value(f'#{i}', t)}"
                           for i, (name, t) in enumerate(zip(rel.columns, rel.types), 1))
-        return _write_rows(rel.project(f"json_object({pairs})::VARCHAR || chr(10)"),
-                           sink, batch_rows)
-    if fmt == "json":
+        _write_rows(rel.project(f"json_object({pairs})::VARCHAR || chr(10)"), sink, batch_rows,
+                    tally)
+    elif fmt == "json":
         sink.write(b'{"success":true,"columns":' + msgspec.json.encode(rel.columns) + b',"data":[')
         values = ", ".join(json_value(f"#{i}", t) for i, t in enumerate(rel.types, 1))
-        rows = _write_rows(rel.project(f"',' || json_array({values})::VARCHAR"), sink, batch_rows,
-                           skip_first_byte=True)
-        sink.write(b'],"row_count":' + str(rows).encode())
-        return rows
-    raise ValueError(f"unknown format {fmt!r}")
+        _write_rows(rel.project(f"',' || json_array({values})::VARCHAR"), sink, batch_rows, tally,
+                    skip_first_byte=True)
+        sink.write(b'],"row_count":' + str(tally.rows).encode())
+    else:
+        raise ValueError(f"unknown format {fmt!r}")
+    return tally.rows
+
+
+def _tallied(reader, tally: Tally):
+    """The reader's batches, each counted once the caller has written it."""
+    for batch in reader:
+        yield batch
+        tally.rows += batch.num_rows
 
 
 def _sql_str(text: str) -> str:
     return text.replace("'", "''")
 
 
-def _write_arrow(rel, sink, batch_rows: int) -> int:
+def _write_arrow(rel, sink, batch_rows: int, tally: Tally) -> None:
     reader = rel.to_arrow_reader(batch_rows)
-    rows = 0
     with pa.ipc.new_stream(sink, reader.schema) as writer:
-        for batch in reader:
+        for batch in _tallied(reader, tally):
             writer.write_batch(batch)
-            rows += batch.num_rows
-    return rows
 
 
-def _write_parquet(rel, sink, batch_rows: int) -> int:
+def _write_parquet(rel, sink, batch_rows: int, tally: Tally) -> None:
     # Parquet has no month-day-nano interval: intervals are written as their text.
     if any(t.id == "interval" for t in rel.types):
         rel = rel.project(", ".join(
             f"#{i}::VARCHAR AS {quote_ident(name)}" if t.id == "interval" else f"#{i}"
             for i, (name, t) in enumerate(zip(rel.columns, rel.types), 1)))
     reader = rel.to_arrow_reader(batch_rows)
-    rows = 0
     with pq.ParquetWriter(sink, reader.schema) as writer:
-        for batch in reader:
+        for batch in _tallied(reader, tally):
             writer.write_batch(batch)
-            rows += batch.num_rows
-    return rows
 
 
-def _write_csv(rel, sink, batch_rows: int) -> int:
+def _write_csv(rel, sink, batch_rows: int, tally: Tally) -> None:
     cells = ", ".join(f"{csv_value(f'#{i}', t)} AS {quote_ident(name)}"
                       for i, (name, t) in enumerate(zip(rel.columns, rel.types), 1))
     reader = rel.project(cells).to_arrow_reader(batch_rows)
-    rows = 0
     options = pa_csv.WriteOptions(quoting_style="needed")
     with pa_csv.CSVWriter(sink, reader.schema, write_options=options) as writer:
-        for batch in reader:
+        for batch in _tallied(reader, tally):
             writer.write_batch(batch)
-            rows += batch.num_rows
-    return rows
 
 
-def _write_rows(rel, sink, batch_rows: int, skip_first_byte: bool = False) -> int:
+def _write_rows(rel, sink, batch_rows: int, tally: Tally, skip_first_byte: bool = False) -> None:
     """Copy a one-VARCHAR-column relation's strings back to back: one buffer copy per batch."""
-    rows = 0
-    for batch in rel.to_arrow_reader(batch_rows):
+    for batch in _tallied(rel.to_arrow_reader(batch_rows), tally):
         if not batch.num_rows:
             continue
         column = batch.column(0)
         _, offsets, data = column.buffers()
         offsets = memoryview(offsets).cast("q" if pa.types.is_large_string(column.type) else "i")
         start, end = offsets[column.offset], offsets[column.offset + len(column)]
-        if skip_first_byte and rows == 0:
+        if skip_first_byte and tally.rows == 0:
             start += 1
         sink.write(memoryview(data)[start:end])
-        rows += batch.num_rows
-    return rows

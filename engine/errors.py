@@ -25,14 +25,20 @@ class Kind(StrEnum):
     WORKER_LOST = "worker_lost"      # the worker died while running the query
     FILE_MISSING = "file_missing"    # a file the query read is not there (or vanished meanwhile)
     QUARANTINED = "quarantined"      # this query crashed a worker; refused for a while
+    CANCELLED = "cancelled"          # an operator cancelled the query (DELETE /api/v1/queries/...)
+    NOT_FOUND = "not_found"          # no such query is running (an unknown route: bad_request)
     INTERNAL = "internal"            # a bug: logged with its traceback, reported without it
 
 
 class QueryError(Exception):
-    def __init__(self, kind: Kind, message: str):
+    """A failure to report to the caller; `headers` go on the HTTP response (Retry-After,
+    WWW-Authenticate)."""
+
+    def __init__(self, kind: Kind, message: str, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.kind = kind
         self.message = message
+        self.headers = headers
 
 
 _DUCKDB_ERROR = re.compile(r"[A-Z][A-Za-z]*( [A-Za-z]+)* Error: ")  # "Conversion Error: ..."

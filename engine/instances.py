@@ -34,6 +34,9 @@ def open_database(cfg: config_mod.Config, memory_limit: int, temp_dir: str,
         "max_expression_depth": MAX_EXPRESSION_DEPTH,
     })
     con.execute("SET TimeZone = 'UTC'")
+    # query_progress() for GET /api/v1/queries (engine/progress.py), never printed.
+    con.execute("SET enable_progress_bar = true")
+    con.execute("SET enable_progress_bar_print = false")
     for statement in catalog.boot_statements(cfg.catalog, scope, evolved):
         con.execute(statement)
     for statement in catalog.view_statements(cfg.catalog):
@@ -49,7 +52,8 @@ def open_database(cfg: config_mod.Config, memory_limit: int, temp_dir: str,
     sandbox.verify(con, directories, attached)
     verify_settings(con, {"threads": str(cfg.duckdb.threads), "memory_limit": memory_limit,
                           "temp_directory": temp_dir, "TimeZone": "UTC",
-                          "max_expression_depth": str(MAX_EXPRESSION_DEPTH)})
+                          "max_expression_depth": str(MAX_EXPRESSION_DEPTH),
+                          "enable_progress_bar": "True"})
     return con
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import time
 
 import msgspec
 
@@ -84,6 +83,3 @@ def setup(role: str, level: str = "info", log_file: str = "",
 def get() -> Logger:
     return Logger(logging.getLogger("duckfleet"))
 
-
-def now_ms() -> float:
-    return time.perf_counter() * 1000.0

@@ -16,7 +16,10 @@ from typing import Any
 
 import msgspec
 
-VERSION = 4  # 3: Query.databases, streaming (Grant, Chunk), Welcome, Bye, Status; 4: Query.catalog
+from engine.errors import Kind
+
+VERSION = 5  # 3: Query.databases, streaming (Grant, Chunk), Welcome, Bye, Status; 4: Query.catalog
+# 5: Progress; Failure.kind typed; Hello without settings (the worker logs them)
 MAGIC = b"DF"
 HEADER = struct.Struct("!2sBxI")
 MAX_FRAME = 64 * 1024 * 1024  # SQL text and parameters; results travel in shared memory
@@ -31,7 +34,6 @@ class Hello(msgspec.Struct, tag=True, frozen=True):
     worker_id: int
     pid: int
     memory_limit: int
-    settings: dict[str, str]
 
 
 class Welcome(msgspec.Struct, tag=True, frozen=True):
@@ -111,13 +113,21 @@ class Status(msgspec.Struct, tag=True, frozen=True):
 
 
 class Failure(msgspec.Struct, tag=True, frozen=True):
-    """Worker -> gateway: query `id` failed; `kind` is one of engine.errors.Kind."""
+    """Worker -> gateway: query `id` failed."""
     id: int
-    kind: str
+    kind: Kind
     message: str
 
 
-Message = Hello | Welcome | Query | Grant | Cancel | Chunk | Result | Failure | Bye | Status
+class Progress(msgspec.Struct, tag=True, frozen=True):
+    """Worker -> gateway, while query `id` runs: DuckDB's estimate (percent, -1 when it cannot
+    tell) and the rows written so far."""
+    id: int
+    percent: float
+    rows: int
+
+
+Message = Hello | Welcome | Query | Grant | Cancel | Chunk | Result | Failure | Bye | Status | Progress
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)
 

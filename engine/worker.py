@@ -45,10 +45,12 @@ import duckdb
 import pyarrow as pa
 
 from engine import config as config_mod, log as log_mod, policy, protocol, sandbox
-from engine.encode import FORMATS, write_result
+from engine.encode import Tally, write_result
+from engine.formats import FORMATS
 from engine.errors import Kind, QueryError, duckdb_kind
 from engine.instances import Instances, read_settings
 from engine.memwatch import MemoryWatch, current_rss
+from engine.progress import ProgressReporter
 from engine.process import BOOT_FAILED, OVER_MEMORY, die_with_parent, malloc_trim
 from engine.redact import Redactor, first_line
 from engine.shm import ChunkWriter
@@ -94,6 +96,8 @@ class Worker:
                         if workers.rss_margin_mb else 0)
         self.watch = MemoryWatch(self.rss_cap, workers.rss_check_ms / 1000, self.over_memory)
         self.watch.start()
+        self.progress = ProgressReporter(workers.progress_ms / 1000, self.send)
+        self.progress.start()
 
     def send(self, message: protocol.Message) -> None:
         with self._send_lock:
@@ -324,12 +328,14 @@ class Worker:
                     raise QueryError(Kind.TIMEOUT, "query cancelled")
                 self._running = (query.id, con)
             policy.check(con, query.sql)
+            tally = Tally()
+            self.progress.arm(query.id, con, tally)
             with ChunkWriter(query.segment, query.chunk_bytes, query.max_result_bytes,
                              hand_over, self._next_segment) as sink:
                 rel = con.sql(query.sql, params=query.params) if query.params else con.sql(query.sql)
                 if rel is None:
                     raise QueryError(Kind.BAD_REQUEST, "the statement returns no result")
-                rows = write_result(rel, query.format, sink, query.batch_rows)
+                rows = write_result(rel, query.format, sink, query.batch_rows, tally)
                 del rel
                 return protocol.Result(query.id, sink.segment, sink.position, rows,
                                        (time.perf_counter() - started) * 1000)
@@ -375,6 +381,7 @@ class Worker:
             log.error("query_failed", exc_info=True, query_id=query.id)  # a bug of ours
             return protocol.Failure(query.id, Kind.INTERNAL, f"internal error: {type(exc).__name__}")
         finally:
+            self.progress.disarm()
             with self._lock:
                 self._running = None
 
@@ -437,7 +444,7 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: worker.leave())
     log.info("ready", process="worker", slot=args.id, **settings)
     while True:
-        worker.send(protocol.Hello(args.id, os.getpid(), args.memory_limit, settings))
+        worker.send(protocol.Hello(args.id, os.getpid(), args.memory_limit))
         threading.Thread(target=worker.read_loop, name="socket-reader", daemon=True).start()
         worker.serve()
         worker.sock.close()

@@ -50,6 +50,16 @@ class RequestFacts:
     files_scanned: int | None = None  # Parquet files the plan reads, and those pruning spared
     files_pruned: int | None = None
     error_type: str | None = None
+    aborted: str | None = None  # why a response was cut after its first byte: an error kind,
+    #                             too_slow or client_gone
+    status_sent: int | None = None  # a streamed response's status, once its headers went out
+    body_sent: int | None = None  # its body bytes handed to the kernel
+
+    def note(self, result) -> None:
+        """What a run's result (gateway/run.py) tells about this request."""
+        self.cache, self.rows, self.wait_ms = result.cache, result.rows, result.wait_ms
+        self.execution_ms = result.execution_ms
+        self.files_scanned, self.files_pruned = result.files_scanned, result.files_pruned
 
 
 FACTS = web.RequestKey("facts", RequestFacts)
@@ -76,9 +86,13 @@ async def observe(request: web.Request, handler):
         status = exc.status
         raise
     except asyncio.CancelledError:
-        status = CLIENT_CLOSED
+        status = facts.status_sent or CLIENT_CLOSED  # the status line may be out already
+        if facts.status_sent:
+            facts.aborted = facts.aborted or "client_gone"
         raise
     finally:
+        if facts.body_sent is not None:  # streamed: what went out, cut or not
+            sent = facts.body_sent
         _record(request, facts, status, sent)
 
 
@@ -106,10 +120,12 @@ def _record(request: web.Request, facts: RequestFacts, status: int, sent: int) -
               "duration_ms": round(duration_ms, 3)}
     if facts.error_type:
         fields["error_type"] = facts.error_type
+    if facts.aborted:
+        fields["aborted"] = facts.aborted
     if facts.format is not None:  # a query route
         metrics.observe_query(status, facts.format, facts.rows, facts.wait_ms,
                               facts.execution_ms, facts.send_ms, facts.files_scanned,
-                              facts.files_pruned)
+                              facts.files_pruned, facts.aborted)
         fields.update(format=facts.format, rows=facts.rows, wait_ms=_ms(facts.wait_ms),
                       execution_ms=_ms(facts.execution_ms), send_ms=_ms(facts.send_ms),
                       files_scanned=facts.files_scanned, files_pruned=facts.files_pruned)

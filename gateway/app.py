@@ -31,8 +31,10 @@ from gateway.cache import QueryCache
 from gateway.catalog import Catalog
 from gateway.fleet import Fleet
 from gateway.metrics import Metrics
+from gateway.segments import SegmentPool
 from gateway.spill import Spills
-from gateway.streams import STREAMS, StreamSlots
+from gateway.run import Runner
+from gateway.streams import StreamSlots
 
 FD_SPARE = 256  # descriptors kept for everything but connections, segments and worker sockets
 
@@ -57,11 +59,13 @@ def make_app(fleet: Fleet, cfg: config_mod.Config, catalog: Catalog,
     app[handlers.CONFIG] = cfg
     app[handlers.CATALOG] = catalog
     app[handlers.CONNECTIONS] = connections
-    app[STREAMS] = StreamSlots(cfg.results.max_streams_per_client)
+    runner = app[handlers.RUNNER] = Runner(fleet, catalog, cache,
+                                           StreamSlots(cfg.results.max_streams_per_client))
     app[render.MIN_SEND_BYTES] = cfg.results.min_send_kbps * 1000
     if cache is not None:
         app[handlers.CACHE] = cache
-    app[access.METRICS] = Metrics(lambda: {**fleet.stats(), "connections": connections.stats()},
+    app[access.METRICS] = Metrics(lambda: {**fleet.stats(), **runner.stats(),
+                                           "connections": connections.stats()},
                                   cache.stats if cache else None)
     app[access.SLOW_QUERY_MS] = cfg.server.slow_query_ms
     app.on_response_prepare.append(access.add_request_id)
@@ -83,7 +87,7 @@ def make_connections(cfg: config_mod.Config, segments: int) -> connections_mod.C
     return connections_mod.Connections(limit, server.header_timeout_s, server.body_timeout_s)
 
 
-def make_cache(cfg: config_mod.Config, segments: shm.SegmentPool, catalog: Catalog) -> QueryCache:
+def make_cache(cfg: config_mod.Config, segments: SegmentPool, catalog: Catalog) -> QueryCache:
     cache = QueryCache(cfg.query_cache, segments)
     catalog.listeners.append(cache.invalidate)
     cache.start()
@@ -122,7 +126,7 @@ async def serve(runtime: Path, supervisor_pid: int, listen_fds: list[int],
     logging.getLogger("aiohttp.server").addFilter(access.BadHttpFilter())
     shm_prefix = shm.owner_prefix(supervisor_pid, os.getpid())
     results, queue = cfg.results, cfg.queue
-    segments = shm.SegmentPool(shm_prefix, results.chunk_mb * 2**20, results.shm_budget_mb * 2**20,
+    segments = SegmentPool(shm_prefix, results.chunk_mb * 2**20, results.shm_budget_mb * 2**20,
                                results.shm_idle_mb * 2**20)
     segments.prealloc(results.shm_prealloc_mb * 2**20)
     spills = Spills(runtime / "spill", results.spill_max_mb * 2**20)

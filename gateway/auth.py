@@ -22,9 +22,8 @@ import os
 from aiohttp import web
 
 from engine import log as log_mod, tokens as tokens_mod
-from engine.errors import Kind
+from engine.errors import Kind, QueryError
 from engine.tokens import Token
-from gateway import render
 from gateway.access import FACTS
 
 log = log_mod.get()
@@ -83,18 +82,10 @@ def middleware(store: TokenStore):
             message = ("a token is required: Authorization: Bearer <token>, "
                        "Authorization: Token <token> or x-api-key: <token>" if presented is None
                        else "the token is not valid (unknown or revoked)")
-            return _refuse(request, Kind.UNAUTHORIZED, message, {"WWW-Authenticate": "Bearer"})
+            raise QueryError(Kind.UNAUTHORIZED, message, {"WWW-Authenticate": "Bearer"})
         request[FACTS].token = token
         if token.read_only and request.method not in READ_ONLY_METHODS:
-            return _refuse(request, Kind.FORBIDDEN,
-                           f"token {token.name!r} may use only read-only (GET) routes")
+            raise QueryError(Kind.FORBIDDEN,
+                             f"token {token.name!r} may use only read-only (GET) routes")
         return await handler(request)
     return authenticate
-
-
-def _refuse(request: web.Request, kind: Kind, message: str,
-            headers: dict[str, str] | None = None) -> web.Response:
-    request[FACTS].error_type = str(kind)
-    response = render.error_response(kind, message)
-    response.headers.update(headers or {})
-    return response

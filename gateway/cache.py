@@ -14,11 +14,13 @@ out), a change to files under a table the entry read (heard from gateway/catalog
 and LRU eviction within max_size entries and max_total_mb. An entry sent while it dies is
 freed when its last response is sent (pins).
 
-Single-flight: the first request for a key runs it (a Flight); identical requests arriving
-meanwhile wait for it and are answered from its entry. A failure reaches each waiter once and
-is not cached; a result too large to cache sends the waiters to run it themselves; a leader
-whose client left hands over to the next request. A flight whose tables change while it runs
-is not stored, and requests arriving after the change start a new one.
+Single-flight (`single_flight`, called by the run API in gateway/run.py): the first request
+for a key runs it (a Flight) and its result is kept as it passes (the result's tee hands each
+sent piece to a Keeper); identical requests arriving meanwhile wait for it and are answered
+from its entry. A failure reaches each waiter once and is not cached; a result too large to
+cache sends the waiters to run it themselves; a leader whose client left hands over to the
+next request. A flight whose tables change while it runs is not stored, and requests arriving
+after the change start a new one.
 """
 
 from __future__ import annotations
@@ -27,19 +29,21 @@ import asyncio
 import collections
 import time
 from dataclasses import dataclass, field
+from typing import Awaitable, Callable
 
 import msgspec
 
 from engine import log as log_mod
 from engine.config import QueryCacheConfig
-from engine.errors import QueryError
-from engine.shm import Segment, SegmentPool
+from engine.errors import Kind, QueryError
+from gateway.segments import Segment, SegmentPool
 from gateway.sqlkey import Analysis
 
 log = log_mod.get()
 MiB = 2**20
 RETRY = "retry"    # flight outcome: its leader left; ask again
 BYPASS = "bypass"  # flight outcome: not cacheable; run it yourself
+SMALL = 256 * 1024  # a whole result up to this size is copied out of its segment
 EVICTION_REASONS = ("ttl", "lru", "invalidated", "cleared")
 
 
@@ -150,6 +154,16 @@ class Keeper:
             self.cache.pool.reclaim(segment)
         self.pieces = []
 
+    def store_whole(self, segment: Segment, length: int, rows: int,
+                    execution_ms: float) -> Entry | None:
+        """A one-piece result, stored before it is sent: a small one copied (the caller gives
+        the segment back), a larger one kept in its segment (the caller detaches it)."""
+        if length <= SMALL:
+            return self.finish(rows, execution_ms, bytes(segment.view[:length]))
+        if not self.keep(segment, length):
+            return None
+        return self.finish(rows, execution_ms)
+
     def finish(self, rows: int, execution_ms: float, body: bytes | None = None) -> Entry | None:
         """The whole result is here: an Entry pinned for the caller, or None (not kept)."""
         if self.gave_up:
@@ -160,6 +174,12 @@ class Keeper:
         self.cache._store(self.flight, entry)
         self.cache.land(self.flight, entry)  # the waiters need not wait for the leader's client
         return entry
+
+    def close(self, outcome) -> None:
+        """The leader's result is closed: what was not stored is freed; its waiters learn the
+        outcome (its error, RETRY if it left early, BYPASS if it was not kept)."""
+        self.give_up()
+        self.cache.land(self.flight, outcome)
 
 
 class QueryCache:
@@ -218,13 +238,45 @@ class QueryCache:
         self.hit_bytes += entry.length
         return entry
 
-    def flight(self, key: CacheKey) -> Flight | None:
-        return self.flights.get(key)
-
-    def lead(self, key: CacheKey) -> tuple[Flight, Keeper]:
+    async def single_flight(self, key: CacheKey, compute: Callable[[], Awaitable],
+                            deadline_s: float, from_entry: Callable[[Entry, str], object]):
+        """A hit; or the outcome of the same query already running (waiting at most
+        deadline_s); or compute()'s result, kept as it passes (its `keep` tee) and closed by
+        the caller, which lands the flight. `from_entry(entry, state)` makes a result of a
+        pinned entry."""
+        while True:
+            if (entry := self.get(key)) is not None:
+                return from_entry(entry, "hit")
+            if (flight := self.flights.get(key)) is None:
+                break
+            try:
+                async with asyncio.timeout(deadline_s):
+                    outcome = await flight.wait()
+            except TimeoutError:
+                raise QueryError(Kind.TIMEOUT, f"the same query, already running, did not "
+                                               f"finish within {deadline_s:g} s") from None
+            if isinstance(outcome, Entry):
+                self.coalesced += 1
+                return from_entry(outcome, "coalesced")
+            if outcome == BYPASS:
+                result = await compute()
+                result.cache = "bypass"
+                return result
+            # RETRY: its leader left before the result; ask again (the first asker leads)
         self.misses += 1
         flight = self.flights[key] = Flight(key)
-        return flight, Keeper(self, flight)
+        keeper = Keeper(self, flight)
+        try:
+            result = await compute()
+        except QueryError as exc:
+            keeper.close(exc)
+            raise
+        except BaseException:
+            keeper.close(RETRY)  # a waiter takes over
+            raise
+        result.cache = "miss"
+        result.keep(keeper)
+        return result
 
     def land(self, flight: Flight, outcome) -> None:
         """The leader is done: Entry (already stored), QueryError, RETRY or BYPASS."""

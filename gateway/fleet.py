@@ -1,24 +1,13 @@
-"""The gateway's view of the workers: links, the admission queue, and one Job per query.
+"""The gateway's view of the workers: links, the admission queue, and the start of each Job.
 
-Runs on the gateway's event loop only; nothing here blocks.
+Runs on the gateway's event loop only; nothing here blocks. A Job (gateway/job.py) follows one
+query on its worker; the run API (gateway/run.py) is the only caller of `submit`.
 
 Admission: a request takes an idle worker or waits in a bounded queue (max_queue_size) for at
-most queue_timeout_s; either limit gives OVERLOADED. Waiters are served by key = arrival time +
-rank x priority_aging_s (high 0, normal 1, low 2): higher priorities go first, and a waiter of
-lower priority goes first once it has waited that much longer, so none starves.
-
-A Job follows one query from Query to the worker's final reply. The worker writes the result
-into segments lent by the pool: a full one comes back as a Chunk for the caller to send, and the
-job grants a spare so the worker never waits for the client, as long as the client's unsent
-chunks stay under stream_buffer_mb and the pool's budget has room. Past stream_buffer_mb the
-next pieces go to the job's spill file (gateway/spill.py) while the spill budget has room, so a
-slow client holds disk, not its worker; with no room, the worker waits (back-pressure).
-The worker is returned to the idle set the moment its final reply arrives, before the client has
-all the bytes. Segments go back to the pool once sent or spilled, or at once if the caller has gone.
-
-Deadline: at query_timeout_s (or the request's lower timeout) the job sends Cancel, which
-interrupts DuckDB; if the worker has not answered after cancel_grace_s the caller gets its
-TIMEOUT anyway, and the worker stays busy until it replies or dies.
+most queue_timeout_s; either limit gives OVERLOADED. Waiters (gateway/waiters.py) are served by
+key = arrival time + rank x priority_aging_s (high 0, normal 1, low 2): higher priorities go
+first, and a waiter of lower priority goes first once it has waited that much longer, so none
+starves. The worker is back in the idle set the moment its final reply arrives.
 
 How a worker ended: the supervisor writes `exited <pid> <code>` for each worker to a pipe the
 gateway reads (gateway/app.py); `cause_of_death` waits briefly for that line, so that a query
@@ -29,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import heapq
 import itertools
 import signal
 import time
@@ -37,16 +25,17 @@ import time
 import psutil
 
 from engine import log as log_mod, protocol
+from engine.config import PRIORITIES
 from engine.errors import Kind, QueryError
 from engine.process import FAULT_SIGNALS
-from engine.shm import Segment, SegmentPool
+from gateway.job import Job
 from gateway.quarantine import Quarantine
-from gateway.spill import Piece, Spill, Spills
+from gateway.segments import SegmentPool
+from gateway.spill import Spills
+from gateway.waiters import Waiters
 
 log = log_mod.get()
 
-PRIORITY_RANK = {"high": 0, "normal": 1, "low": 2}
-CANCEL_REPEAT_S = 0.5
 OVER_MEMORY = "out_of_memory"  # a worker's Bye reason before it fails its query and exits
 EXIT_NOTICE_S = 2.0  # how long a lost query waits to learn how its worker ended
 KEPT_EXITS = 256
@@ -60,7 +49,6 @@ class WorkerLink:
         self.worker_id = hello.worker_id
         self.pid = hello.pid
         self.memory_limit = hello.memory_limit
-        self.settings = hello.settings
         self.reader = reader
         self.writer = writer
         self.served = 0
@@ -85,196 +73,6 @@ class WorkerLink:
             return None
 
 
-class Job:
-    """One query on one worker, and every segment lent for it."""
-
-    def __init__(self, fleet: Fleet, link: WorkerLink, query_id: int, timeout: float,
-                 wait_ms: float):
-        self.fleet = fleet
-        self.link = link
-        self.id = query_id
-        self.timeout = timeout
-        self.wait_ms = wait_ms
-        self.lent: dict[str, Segment] = {}   # held by the worker
-        self.items: asyncio.Queue = asyncio.Queue()  # for the caller: chunks, then the end
-        self.unsent = 0                      # chunks handed to the caller, not yet sent
-        self.spill: Spill | None = None      # where pieces past stream_buffer wait, if any
-        self.copying = 0                     # segments being copied into the spill file
-        self.finished = False                # the worker has sent its final reply, or died
-        self.closed = False                  # the caller is done with this job
-        self.timed_out = False
-        self.lost = False                    # the worker died before its final reply
-        self.result: protocol.Result | None = None  # the final reply, once it came
-        self.send_ms = 0.0  # time the caller spent sending, for the access log
-        self._granting = False
-        self._timer = asyncio.get_running_loop().call_later(timeout, self._expire)
-
-    def start(self, query: protocol.Query, segment: Segment) -> None:
-        self.lent[segment.name] = segment
-        self.link.send(query)
-        self._grant()
-
-    # --- the caller's side ---
-
-    async def next(self) -> tuple[Segment | Piece, int, protocol.Result | None]:
-        """(segment, length, None) for a chunk; (segment, length, Result) for the last piece;
-        a spilled Piece instead of a segment for pieces the client was too slow to take."""
-        item = await self.items.get()
-        if isinstance(item, QueryError):
-            raise item
-        return item
-
-    def sent(self, segment: Segment | Piece, kept: bool = False) -> None:
-        """The caller is done with a segment: back to the pool, or kept (by the cache)."""
-        if isinstance(segment, Piece):
-            self._grant()
-            return
-        if kept:
-            self.fleet.segments.detach(segment)
-        else:
-            self.fleet.segments.release(segment)
-        self.unsent -= 1
-        self._grant()
-
-    def close(self) -> None:
-        """The caller is done: free what it did not send, stop the worker if it still runs."""
-        self.closed = True
-        while not self.items.empty():
-            item = self.items.get_nowait()
-            if isinstance(item, tuple) and isinstance(item[0], Segment):
-                self.fleet.segments.release(item[0])
-        if self.spill is not None:
-            self.spill.close()
-        if not self.finished:
-            self._cancel()
-
-    def _cancel(self) -> None:
-        """Cancel, again every CANCEL_REPEAT_S until the worker answers: DuckDB forgets an
-        interrupt that lands between two of its calls (while binding, before executing)."""
-        if not self.finished:
-            self.link.send(protocol.Cancel(self.id))
-            asyncio.get_running_loop().call_later(CANCEL_REPEAT_S, self._cancel)
-
-    # --- the worker's side (called by the link's reader) ---
-
-    def on_chunk(self, message: protocol.Chunk) -> None:
-        segment = self.lent.pop(message.segment)
-        if self.closed:
-            self.fleet.segments.release(segment)
-        else:
-            self._hand_over(segment, message.length, None)
-        self._grant()
-
-    def on_final(self, message: protocol.Result | protocol.Failure) -> None:
-        self._finish()
-        if isinstance(message, protocol.Result):
-            self.result = message
-            segment = self.lent.pop(message.segment)
-            self._reclaim()
-            if self.closed:
-                self.fleet.segments.release(segment)
-            else:
-                self._hand_over(segment, message.length, message)
-            return
-        self._reclaim()
-        if message.kind == Kind.TIMEOUT:
-            self.items.put_nowait(self._timeout_error())
-        else:
-            self.items.put_nowait(QueryError(Kind(message.kind), message.message))
-
-    def _hand_over(self, segment: Segment, length: int, result: protocol.Result | None) -> None:
-        """To the caller: in memory while its unsent chunks stay under stream_buffer, else
-        copied to the spill file if the spill budget has room (the segment is freed then)."""
-        spills = self.fleet.spills
-        if (self.unsent * self.fleet.segments.chunk_bytes >= self.fleet.stream_buffer
-                and spills is not None and spills.has_room(length)):
-            if self.spill is None:
-                self.spill = spills.open()
-            self.copying += 1
-            self.items.put_nowait((self.spill.append(segment, length, self._copied), length, result))
-        else:
-            self.unsent += 1
-            self.items.put_nowait((segment, length, result))
-
-    def _copied(self, segment: Segment) -> None:
-        self.copying -= 1
-        self.fleet.segments.release(segment)
-        self._grant()
-
-    def on_lost(self) -> None:
-        self.lost = True
-        self._finish()
-        self._reclaim()
-        self.items.put_nowait(QueryError(
-            Kind.WORKER_LOST, f"worker {self.link.worker_id} died while running the query; retry"))
-
-    def _finish(self) -> None:
-        self.finished = True
-        self._timer.cancel()
-
-    def _reclaim(self) -> None:
-        """After the final reply the worker holds nothing: take back unused grants."""
-        for segment in self.lent.values():
-            self.fleet.segments.release(segment)
-        self.lent.clear()
-
-    # --- deadline ---
-
-    def _expire(self) -> None:
-        if self.finished:
-            return
-        self.timed_out = True
-        self.fleet.timeouts += 1
-        self._cancel()
-        self._timer = asyncio.get_running_loop().call_later(self.fleet.cancel_grace, self._give_up)
-
-    def _give_up(self) -> None:
-        if not self.finished:
-            log.warning("worker_ignores_cancel", worker=self.link.worker_id, query_id=self.id)
-            self.items.put_nowait(self._timeout_error())
-
-    def _timeout_error(self) -> QueryError:
-        return QueryError(Kind.TIMEOUT, f"query ran past its {self.timeout:g} s deadline and "
-                                        "was interrupted")
-
-    # --- grants: keep one spare segment with the worker while there is room ---
-
-    def _wants_segment(self) -> bool:
-        chunk, spills = self.fleet.segments.chunk_bytes, self.fleet.spills
-        buffered = (self.unsent + len(self.lent) + self.copying) * chunk
-        room = buffered < self.fleet.stream_buffer or (
-            spills is not None and spills.has_room((len(self.lent) + 1) * chunk))
-        return (not self.finished and not self.closed and not self._granting
-                and len(self.lent) < 2 and room)
-
-    def _grant(self) -> None:
-        if not self._wants_segment():
-            return
-        segment = self.fleet.segments.try_acquire()
-        if segment is not None:
-            self._give_segment(segment)
-        else:
-            self._granting = True
-            task = asyncio.ensure_future(self._grant_later())
-            self.fleet.tasks.add(task)
-            task.add_done_callback(self.fleet.tasks.discard)
-
-    async def _grant_later(self) -> None:
-        try:
-            segment = await self.fleet.segments.acquire()
-        finally:
-            self._granting = False
-        if self.finished or self.closed:
-            self.fleet.segments.release(segment)
-        else:
-            self._give_segment(segment)
-
-    def _give_segment(self, segment: Segment) -> None:
-        self.lent[segment.name] = segment
-        self.link.send(protocol.Grant(self.id, segment.name))
-        self._grant()
-
-
 class Fleet:
     def __init__(self, segments: SegmentPool, *, max_queue: int, queue_timeout: float,
                  query_timeout: float, cancel_grace: float, aging: float,
@@ -292,8 +90,7 @@ class Fleet:
         self.spills = spills
         self.links: dict[int, WorkerLink] = {}
         self._idle: collections.deque[WorkerLink] = collections.deque()
-        self._waiters: list[tuple[float, int, asyncio.Future, str]] = []  # a heap
-        self._seq = itertools.count()
+        self._waiters: Waiters[WorkerLink] = Waiters(self._give)
         self._ids = itertools.count(1)
         self.tasks: set[asyncio.Task] = set()
         self.served = 0
@@ -339,7 +136,9 @@ class Fleet:
                 job = link.job
                 if job is None or getattr(message, "id", None) != job.id:
                     continue
-                if isinstance(message, protocol.Chunk):
+                if isinstance(message, protocol.Progress):
+                    job.progress = message
+                elif isinstance(message, protocol.Chunk):
                     job.on_chunk(message)
                 elif isinstance(message, (protocol.Result, protocol.Failure)):
                     link.job = None
@@ -409,7 +208,7 @@ class Fleet:
         return sum(link.busy for link in self.links.values() if not link.retiring)
 
     def queued(self, priority: str | None = None) -> int:
-        return sum(not f.done() and priority in (None, p) for _, _, f, p in self._waiters)
+        return self._waiters.count(priority)
 
     # --- admission ---
 
@@ -420,13 +219,10 @@ class Fleet:
         if link.retiring:
             link.writer.close()
             return
-        while self._waiters:
-            _, _, waiter, _ = heapq.heappop(self._waiters)
-            if not waiter.done():
-                link.busy = True
-                waiter.set_result(link)
-                return
-        self._idle.append(link)
+        if self._waiters.hand(link):
+            link.busy = True
+        else:
+            self._idle.append(link)
 
     async def _acquire(self, priority: str) -> WorkerLink:
         while self._idle:
@@ -438,20 +234,13 @@ class Fleet:
             self.rejected["queue_full"] += 1
             raise QueryError(Kind.OVERLOADED,
                              f"the queue is full (max_queue_size = {self.max_queue})")
-        waiter = asyncio.get_running_loop().create_future()
-        key = time.monotonic() + PRIORITY_RANK[priority] * self.aging
-        heapq.heappush(self._waiters, (key, next(self._seq), waiter, priority))
+        key = time.monotonic() + PRIORITIES.index(priority) * self.aging
         try:
-            return await asyncio.wait_for(waiter, self.queue_timeout)
+            return await self._waiters.wait(key, priority, self.queue_timeout)
         except TimeoutError:
             self.rejected["queue_timeout"] += 1
             raise QueryError(Kind.OVERLOADED, f"no worker became free within queue_timeout_s "
                                               f"= {self.queue_timeout:g}") from None
-        except asyncio.CancelledError:
-            # The link may have been handed over just as the caller went away: give it back.
-            if waiter.done() and not waiter.cancelled():
-                self._give(waiter.result())
-            raise
 
     async def submit(self, sql: str, fmt: str, params: list | None, timeout_s: float | None,
                      priority: str, databases: list[str] | None = None, catalog: int = 0,
@@ -493,7 +282,7 @@ class Fleet:
         pool = self.segments
         return {"worker_count": len(workers), "busy": self.busy, "idle": len(workers) - self.busy,
                 "queued": self.queued(),
-                "queued_by_priority": {p: self.queued(p) for p in PRIORITY_RANK},
+                "queued_by_priority": {p: self.queued(p) for p in PRIORITIES},
                 "served": self.served, "recycled": sum(self.recycled.values()),
                 "recycled_by_reason": dict(self.recycled), "crashed": self.crashed,
                 "retried": self.retried, "timeouts": self.timeouts,

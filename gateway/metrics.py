@@ -38,6 +38,9 @@ class Metrics:
                                 ["route", "status"], registry=r)
         self.queries = Counter("duckfleet_queries", "Queries by HTTP status and result format",
                                ["status", "format"], registry=r)
+        self.aborted = Counter("duckfleet_queries_aborted",
+                               "Query responses cut after their first byte, by why: an error "
+                               "kind, too_slow or client_gone", ["reason"], registry=r)
         self.wait = Histogram("duckfleet_query_wait_seconds",
                               "Time a query waited for a worker", buckets=_LONG, registry=r)
         self.execution = Histogram("duckfleet_query_execution_seconds",
@@ -65,8 +68,11 @@ class Metrics:
 
     def observe_query(self, status: int, fmt: str, rows: int | None, wait_ms: float | None,
                       execution_ms: float | None, send_ms: float | None,
-                      files_scanned: int | None = None, files_pruned: int | None = None) -> None:
+                      files_scanned: int | None = None, files_pruned: int | None = None,
+                      aborted: str | None = None) -> None:
         self.queries.labels(str(status), fmt).inc()
+        if aborted:
+            self.aborted.labels(aborted).inc()
         self.files_scanned.inc(files_scanned or 0)
         self.files_pruned.inc(files_pruned or 0)
         for histogram, ms in ((self.wait, wait_ms), (self.execution, execution_ms),
@@ -108,8 +114,7 @@ class Metrics:
 class FleetCollector:
     """Reads Fleet.stats() (and the gateway's segment sizes) each time the registry is scraped."""
 
-    def __init__(self, fleet_stats: Callable[[], dict],
-                 cache_stats: Callable[[], dict] | None = None):
+    def __init__(self, fleet_stats: Callable[[], dict]):
         self._stats = fleet_stats
 
     def describe(self):
@@ -145,13 +150,19 @@ class FleetCollector:
                                      "Shared-memory result segments by state", labels=["state"])
         segments.add_metric(["in_use"], stats.get("shm_segments_in_use", 0))
         segments.add_metric(["idle"], stats.get("shm_segments_idle", 0))
+        segments.add_metric(["cached"], stats.get("shm_segments_cached", 0))
         yield segments
         # Segments are fixed-size with their pages allocated, so the pool's counts give the bytes.
         yield GaugeMetricFamily("duckfleet_shm_bytes",
-                                "Bytes of shared memory the gateway's segments hold",
+                                "Bytes of shared memory the gateway's segments hold, the "
+                                "cache's included",
                                 value=(stats.get("shm_segments_in_use", 0)
-                                       + stats.get("shm_segments_idle", 0))
+                                       + stats.get("shm_segments_idle", 0)
+                                       + stats.get("shm_segments_cached", 0))
                                 * stats.get("shm_segment_bytes", 0))
+        yield GaugeMetricFamily("duckfleet_queries_running",
+                                "Queries waiting, running or being sent",
+                                value=stats.get("queries_running", 0))
         yield GaugeMetricFamily("duckfleet_spill_bytes",
                                 "Bytes of results waiting for slow clients in spill files",
                                 value=stats.get("spill_bytes", 0))

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import msgspec
 
-from engine.encode import MEDIA_TYPES
+from engine.errors import Kind
+from engine.formats import FORMATS, MEDIA_TYPES
 from gateway.auth import OPEN_PATHS
 
 REF = "#/components/schemas/{name}"
@@ -43,10 +44,7 @@ SCHEMAS = {
         "properties": {
             "success": {"const": False},
             "error": {"type": "string"},
-            "error_type": {"enum": ["bad_request", "sql_error", "unauthorized", "forbidden",
-                                    "too_large", "out_of_memory", "rate_limited", "overloaded",
-                                    "timeout", "worker_lost", "quarantined", "internal",
-                                    "request_timeout", "file_missing"]},
+            "error_type": {"enum": [str(kind) for kind in Kind]},
         },
     },
     "QueryResult": {
@@ -124,6 +122,26 @@ SCHEMAS = {
                         "error": {"type": "string"}}}}}}},
         },
     },
+    "Queries": {
+        "type": "object", "required": ["queries"],
+        "properties": {"queries": {"type": "array", "items": {
+            "type": "object",
+            "required": ["request_id", "route", "token", "priority", "state", "worker",
+                         "elapsed_ms", "rows", "sent_bytes", "progress", "sql"],
+            "properties": {
+                "request_id": {"type": "string"}, "route": {"type": "string"},
+                "token": {"type": ["string", "null"]}, "priority": {"type": "string"},
+                "state": {"enum": ["waiting", "running", "sending"]},
+                "worker": {"type": ["integer", "null"]},
+                "elapsed_ms": {"type": "number", "minimum": 0},
+                "rows": {"type": ["integer", "null"]},
+                "sent_bytes": {"type": "integer", "minimum": 0},
+                "progress": {"type": ["number", "null"],
+                             "description": "DuckDB's estimate, percent; null when unknown"},
+                "sql": {"type": "string", "description": "its first 200 characters"}}}}},
+    },
+    "Cancelled": {"type": "object", "required": ["cancelled"],
+                  "properties": {"cancelled": {"type": "integer", "minimum": 1}}},
     "CacheCleared": {"type": "object", "required": ["cleared"],
                      "properties": {"cleared": {"type": "integer", "minimum": 0}}},
     "Metrics": {
@@ -148,7 +166,7 @@ SCHEMAS = {
 
 EXAMPLES = {
     **{fmt: {"value": {"sql": "SELECT 42 AS answer, 'duck' AS name", "format": fmt}}
-       for fmt in ("json", "csv", "ndjson", "arrow", "parquet")},
+       for fmt in FORMATS},
     "params": {"value": {"sql": "SELECT $1::INTEGER + 1 AS n", "params": [41], "timeout_ms": 5000}},
     "forbidden": {"value": {"sql": "DROP TABLE t"}},
 }
@@ -176,6 +194,7 @@ def _query_operation(summary: str, formats: list[str]) -> dict:
             "403": _error("not one read statement, a file outside the sandbox, "
                           "or a database or route the token may not use"),
             "413": _error("the body or the result is over its limit"),
+            "409": _error("an operator cancelled the query"),
             "503": _error("overloaded (queue full or no worker in time) or the worker died", RETRY),
             "504": _error("the query ran past its deadline"),
         },
@@ -194,8 +213,7 @@ def document(request_struct: type, auth_enabled: bool) -> dict:
              "responses": {"200": _json(_ref("Ready"), "ready"),
                            "503": _json(_ref("Ready"), "no worker connected yet")}}
     paths = {
-        "/api/v1/query": {"post": _query_operation("run one read-only SQL statement",
-                                                   ["json", "csv", "ndjson", "arrow", "parquet"])},
+        "/api/v1/query": {"post": _query_operation("run one read-only SQL statement", FORMATS)},
         "/api/v1/query/arrow": {"post": _query_operation("run a query, answer Arrow IPC", ["arrow"])},
         "/health": {"get": health},
         "/health/live": {"get": _get("the gateway answers", _json(_ref("Live"), "alive"))},
@@ -208,6 +226,16 @@ def document(request_struct: type, auth_enabled: bool) -> dict:
         "/api/v1/catalog": {"get": _get("databases, tables, columns, files, rows and time "
                                         "ranges (within the token's scope)",
                                         _json(_ref("Catalog"), "the catalog"))},
+        "/api/v1/queries": {"get": _get("queries waiting, running or being sent (a token "
+                                        "limited to some databases sees its own)",
+                                        _json(_ref("Queries"), "running queries"))},
+        "/api/v1/queries/{request_id}": {"delete": {
+            "summary": "cancel a query: its caller gets error_type cancelled",
+            "parameters": [{"name": "request_id", "in": "path", "required": True,
+                            "schema": {"type": "string"}}],
+            "responses": {"200": _json(_ref("Cancelled"), "queries cancelled"),
+                          "403": _error("the query is another token's"),
+                          "404": _error("no such query is waiting, running or being sent")}}},
         "/api/v1/cache/clear": {"post": {
             "summary": "drop every cached result",
             "responses": {"200": _json(_ref("CacheCleared"), "entries dropped"),

@@ -17,9 +17,8 @@ import time
 
 from aiohttp import web
 
-from engine.errors import Kind
-from gateway import render
-from gateway.access import FACTS, client_key
+from engine.errors import Kind, QueryError
+from gateway.access import client_key
 from gateway.auth import OPEN_PATHS
 
 MAX_KEYS = 10_000
@@ -53,14 +52,11 @@ def middleware(buckets: TokenBuckets):
     async def limit(request: web.Request, handler):
         if request.path in OPEN_PATHS:
             return await handler(request)
-        facts = request[FACTS]
         wait = buckets.take(client_key(request))
         if wait:
-            facts.error_type = str(Kind.RATE_LIMITED)
-            response = render.error_response(
-                Kind.RATE_LIMITED, f"over the rate limit of {buckets.rate:g} requests a second "
-                                   f"(burst {buckets.burst}); retry later")
-            response.headers["Retry-After"] = str(max(1, math.ceil(wait)))
-            return response
+            raise QueryError(Kind.RATE_LIMITED,
+                             f"over the rate limit of {buckets.rate:g} requests a second "
+                             f"(burst {buckets.burst}); retry later",
+                             {"Retry-After": str(max(1, math.ceil(wait)))})
         return await handler(request)
     return limit

@@ -27,7 +27,7 @@ import shutil
 from pathlib import Path
 
 from engine import log as log_mod
-from engine.shm import Segment
+from gateway.segments import Segment
 
 log = log_mod.get()
 THREADS = 2  # spill copies and reads; the disk, not the CPU, is what they wait on

@@ -1,6 +1,6 @@
 """How many large results one client may be sent at once (results.max_streams_per_client).
 
-Runs on the gateway's event loop. A large result is one that streams: more than one
+Runs on the gateway's event loop; the run API (gateway/run.py) holds a slot per large result. A large result is one that streams: more than one
 shared-memory segment (chunk_mb). Each holds stream buffer, spill space and a connection for as
 long as its client takes to read it, so a token (a client address without auth: the same key
 as the rate limits) may have at most `limit` of them being sent; the next one is refused with
@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import contextlib
 
-from aiohttp import web
-
 from engine.errors import Kind, QueryError
-from gateway.access import client_key
 
 
 class StreamSlots:
@@ -25,12 +22,12 @@ class StreamSlots:
         self.refused = 0
 
     @contextlib.contextmanager
-    def hold(self, request: web.Request):
-        """One slot of the request's client for the duration of a large result, or refuse."""
+    def hold(self, key: str):
+        """One slot of this client (gateway/access.py client_key) for the duration of a large
+        result, or refuse."""
         if not self.limit:
             yield
             return
-        key = client_key(request)
         if self.sending.get(key, 0) >= self.limit:
             self.refused += 1
             raise QueryError(Kind.RATE_LIMITED,
@@ -48,5 +45,3 @@ class StreamSlots:
     def stats(self) -> dict:
         return {"streams_sending": sum(self.sending.values()), "streams_refused": self.refused}
 
-
-STREAMS = web.AppKey("streams", StreamSlots)
