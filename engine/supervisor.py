@@ -46,7 +46,7 @@ import msgspec
 from engine import config as config_mod, log as log_mod, memory, shm
 from engine.process import BOOT_FAILED, OVER_MEMORY, raise_fd_limit
 from engine.startup import (RUNTIME_PREFIX, bind_listeners, build_index, check_tokens_file,
-                            ensure_demo_data, sweep_dead_runtime_dirs)
+                            ensure_demo_data, reserve_flight_port, sweep_dead_runtime_dirs)
 
 STABLE_S = 10.0  # a worker that lived this long resets its slot's crash count
 QUICK_GRACE_S = 1.0
@@ -84,6 +84,7 @@ class Supervisor:
         self.crashes: dict[int, int] = {}
         self.runtime: Path | None = None
         self.listeners: list[socket.socket] = []
+        self.flight_socket: socket.socket | None = None  # holds [flight]'s port (engine/startup.py)
         self.memory_limit = 0
         self.stopping: str | None = None
         self.exit_code = 0
@@ -100,6 +101,7 @@ class Supervisor:
         if self.cfg.auth.enabled:
             check_tokens_file(self.cfg.auth.tokens_file)
         shm.sweep_dead_fleets()
+        self.flight_socket = reserve_flight_port(self.cfg)
         base = Path(self.cfg.server.runtime_dir or os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir())
         sweep_dead_runtime_dirs(base)
         self.runtime = Path(tempfile.mkdtemp(prefix=f"{RUNTIME_PREFIX}{self.pid}-", dir=base))
@@ -115,6 +117,7 @@ class Supervisor:
         self.listeners = bind_listeners(self.cfg.server)
         host, port = self.listeners[0].getsockname()[:2]
         log.info("listening", host=host, port=port, unix_socket=self.cfg.server.unix_socket or None,
+                 flight_port=self.flight_socket.getsockname()[1] if self.flight_socket else None,
                  runtime_dir=str(self.runtime), workers=self.cfg.worker_count,
                  fd_limit=fd_soft or None, fd_hard_limit=fd_hard or None,
                  memory_limit_bytes=self.memory_limit, memory_plan=plan.describe())
@@ -178,6 +181,8 @@ class Supervisor:
                 "--supervisor-pid", str(self.pid), "--events-fd", str(read_end)]
         for fd in fds:
             args += ["--listen-fd", str(fd)]
+        if self.flight_socket is not None:
+            args += ["--flight-port", str(self.flight_socket.getsockname()[1])]
         try:
             self._spawn("gateway", 0, args, pass_fds=[*fds, read_end])
         finally:
@@ -382,7 +387,7 @@ class Supervisor:
         except config_mod.ConfigError as exc:
             log.error("reload_failed", error=str(exc))
             return
-        fixed = [s for s in ("server", "queue", "results", "auth", "query_cache")
+        fixed = [s for s in ("server", "queue", "results", "auth", "query_cache", "flight")
                  if getattr(cfg, s) != getattr(self.cfg, s)]
         if fixed:
             log.warning("reload_needs_restart", sections=fixed,
@@ -431,6 +436,8 @@ class Supervisor:
         await self._terminate(workers, grace)
         for listener in self.listeners:
             listener.close()
+        if self.flight_socket is not None:
+            self.flight_socket.close()
         if self.cfg.server.unix_socket:
             Path(self.cfg.server.unix_socket).unlink(missing_ok=True)
         shm.sweep(shm.fleet_prefix(self.pid))
@@ -477,6 +484,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, dict]:
     parser.add_argument("--port", type=int)
     parser.add_argument("--workers", type=int, help="worker processes (default: one per core)")
     parser.add_argument("--data-dir", help="catalog data directory (must exist)")
+    parser.add_argument("--flight-port", type=int, help="Arrow Flight SQL port (0: any free one)")
     parser.add_argument("--demo", action="store_true",
                         help="write the demo dataset into the data directory if it holds none")
     args = parser.parse_args(argv)
@@ -487,6 +495,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, dict]:
                        "with the demo dataset)\n")
     for section, key, value in (("server", "host", args.host), ("server", "port", args.port),
                                 ("workers", "count", args.workers),
+                                ("flight", "port", args.flight_port),
                                 ("catalog", "data_dir", data_dir)):
         if value is not None:
             overrides.setdefault(section, {})[key] = value

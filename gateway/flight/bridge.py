@@ -96,11 +96,13 @@ class Pipe:
         with self._cond:
             while size < 0 or got < size:
                 if not self._chunks:
-                    if self._done or got:
-                        break
+                    if self._done:
+                        break  # a short read only at the end: pyarrow takes it as the end
                     if self._context is not None and self._context.is_cancelled():
                         self.cancel()
                         raise fl.FlightCancelledError("the call was cancelled")
+                    if self._buffered < self._limit:  # taken: the loop may feed again
+                        self._loop.call_soon_threadsafe(self._room.set)
                     self._cond.wait(POLL_S)
                     continue
                 head = self._chunks[0]

@@ -6,7 +6,7 @@ pyarrow.flight turns into that status, carrying the JSON error body HTTP would s
 `error_type`) as the status's binary details. Called on gRPC threads.
 
 pyarrow has an exception class for most codes, not for INVALID_ARGUMENT (ArrowInvalid gives
-it) nor RESOURCE_EXHAUSTED: a limit that waiting will not lift (result size, memory) is the
+it), NOT_FOUND (ArrowKeyError) nor RESOURCE_EXHAUSTED: a limit that waiting will not lift (result size, memory) is the
 query's doing, so it is INVALID_ARGUMENT too, as HTTP answers it with a 4xx; the kind is named
 in every message.
 """
@@ -33,6 +33,8 @@ STATUS: dict[Kind, str] = {
     Kind.WORKER_LOST: "UNAVAILABLE",
     Kind.FILE_MISSING: "INVALID_ARGUMENT",
     Kind.QUARANTINED: "INVALID_ARGUMENT",
+    Kind.CANCELLED: "CANCELLED",
+    Kind.NOT_FOUND: "NOT_FOUND",
     Kind.INTERNAL: "INTERNAL",
 }
 _CLASSES = {
@@ -51,4 +53,6 @@ def flight_error(kind: Kind, message: str) -> Exception:
     name = STATUS[kind]
     if name == "INVALID_ARGUMENT":
         return pa.ArrowInvalid(text)
+    if name == "NOT_FOUND":
+        return pa.ArrowKeyError(text)
     return _CLASSES[name](text, render.error_body(kind, message))
