@@ -292,7 +292,7 @@ def test_the_cache_answers_flight_and_http_alike(flight_server):
         assert state == "miss"
         hits = srv.get("/api/v1/cache/stats").json()["hits"]
         assert fetch(con, second) == from_http
-    # HTTP's result answered Flight (and so did the schema lookup Flight's prepare made)
+    # HTTP's result answered Flight
     assert srv.get("/api/v1/cache/stats").json()["hits"] > hits
 
 

@@ -69,8 +69,10 @@ def demo_peers(tmp: Path, data: Path, cores: int, workers: int) -> list[Spec]:
         return Spec(name, lambda: servers.duckfleet(name, tmp, data, n, CACHE_CONFIG if cache else ""),
                     large=large)
 
+    flight = f"duckfleet-w{workers}-flight"
     return [
         fleet(workers, False, large=True), fleet(2 * workers, False),
+        Spec(flight, lambda: servers.duckfleet_flight(flight, tmp, data, workers)),
         fleet(workers, True), fleet(2 * workers, True),
         # Arc as its Python tier shipped: 3 workers a core, 5 connections each, threads = cores.
         Spec("arc-shipped", lambda: servers.arc_tier("arc-shipped", tmp, boot, 3 * cores, 5, cores)),

@@ -23,7 +23,9 @@ and shut down before the fleet; `shutdown` waits for calls in flight.
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
+import threading
 from importlib import metadata as importlib_metadata
 
 import pyarrow as pa
@@ -45,6 +47,7 @@ PIPE_BYTES = 32 * 2**20  # result bytes waiting for a slow client, per call
 # gRPC clients refuse messages over 16 MiB by default (the Go driver behind ADBC does): a
 # larger batch of the worker's (wide rows) goes out in slices of about this much (no copy).
 MESSAGE_BYTES = 8 * 2**20
+SCHEMAS_KEPT = 4096
 WRITES = ("CommandStatementUpdate", "CommandPreparedStatementUpdate", "CommandStatementIngest")
 METADATA = {
     "CommandGetSqlInfo": metadata.SQL_INFO, "CommandGetCatalogs": metadata.CATALOGS,
@@ -126,6 +129,9 @@ class FlightSqlServer(fl.FlightServerBase):
         self.loop = loop
         self.max_param_bytes = max_param_bytes
         self.sql_info = metadata.sql_info_values(_version())
+        self._schemas: collections.OrderedDict[tuple, tuple[tuple, pa.Schema]] = \
+            collections.OrderedDict()  # statement schemas (see _describe), shared by gRPC threads
+        self._lock = threading.Lock()
         super().__init__(location, auth_handler=AcceptHandshake(),
                          middleware={KEY: TokenAuth(store)} if store is not None else None,
                          tls_certificates=tls or [])
@@ -232,7 +238,18 @@ class FlightSqlServer(fl.FlightServerBase):
 
     def _describe(self, call: Call, sql: str) -> pa.Schema | None:
         """The schema of the statement's result; None if it cannot be had without running it
-        (not a plain query, or DuckDB cannot type it with NULL parameters)."""
+        (not a plain query, or DuckDB cannot type it with NULL parameters). Remembered per
+        statement and scope until any file of the catalog changes: clients prepare every
+        statement they run, and a schema costs a worker a round trip."""
+        token = call.facts.token
+        key = (sql, tuple(token.databases) if token and token.databases else None)
+        catalog = self.service.catalog
+        generation = (catalog.changes, catalog.generation)  # file changes heard, and applied
+        with self._lock:
+            known = self._schemas.get(key)
+            if known is not None and known[0] == generation:
+                self._schemas.move_to_end(key)
+                return known[1]
         described = statements.describe_sql(sql)
         if described is None:
             return None
@@ -243,7 +260,12 @@ class FlightSqlServer(fl.FlightServerBase):
             if exc.kind == Kind.SQL_ERROR:
                 return None  # the statement itself says what is wrong when it runs
             raise
-        return statements.schema_of(ipc)
+        schema = statements.schema_of(ipc)
+        with self._lock:
+            self._schemas[key] = (generation, schema)
+            if len(self._schemas) > SCHEMAS_KEPT:
+                self._schemas.popitem(last=False)
+        return schema
 
     def _stream(self, call: Call, sql: str, params):
         self._may_query(call)
