@@ -186,7 +186,7 @@ async def serve(runtime: Path, supervisor_pid: int, listen_fds: list[int],
     log.info("gateway_stopping")
     stopping = [runner.cleanup()]  # stops listening, waits for in-flight requests
     if flight is not None:  # off the loop: its calls in flight need the loop to finish
-        stopping.append(loop.run_in_executor(None, flight.shutdown))
+        stopping.append(loop.run_in_executor(None, flight.close))
     await asyncio.gather(*stopping)
     worker_server.close()
     if cache is not None:

@@ -7,19 +7,15 @@ what the gateway's catalog describes (gateway/catalog.py `describe(scope)`: Arc 
 database, within a token's scope). Primary and foreign keys: duckfleet has none, so those
 commands answer empty tables of the right schema.
 
-Runs on gRPC threads; the only shared thing is nothing: a table schema's Arrow types come from
-a private in-memory DuckDB connection per call, which casts NULL to each DuckDB type the
-catalog lists (the types workers produce, by the same DuckDB).
+Pure functions, run on gRPC threads. A table's Arrow schema comes from the caller (the server's
+private DuckDB connection casts NULL to each DuckDB type the catalog lists).
 """
 
 from __future__ import annotations
 
 import re
 
-import duckdb
 import pyarrow as pa
-
-from engine.catalog import quote_ident
 
 CATALOG = "memory"  # the workers' DuckDB database: catalog.schema.table names resolve in it
 TABLE_TYPE = "TABLE"
@@ -144,7 +140,8 @@ def db_schemas(described: dict, catalog: str | None, pattern: str | None) -> pa.
     return pa.Table.from_pylist(rows, schema=DB_SCHEMAS)
 
 
-def tables(described: dict, command: dict) -> pa.Table:
+def tables(described: dict, command: dict, arrow_schema) -> pa.Table:
+    """arrow_schema(columns): a table's Arrow schema (statements.LocalDuckDB.arrow_schema)."""
     schema_match = like(command["db_schema_filter_pattern"])
     table_match = like(command["table_name_filter_pattern"])
     types = command["table_types"]
@@ -166,15 +163,3 @@ def tables(described: dict, command: dict) -> pa.Table:
 
 def table_types() -> pa.Table:
     return pa.Table.from_pylist([{"table_type": TABLE_TYPE}], schema=TABLE_TYPES)
-
-
-def arrow_schema(columns: list[dict]) -> pa.Schema:
-    """The Arrow schema DuckDB gives columns of these DuckDB types."""
-    if not columns:
-        return pa.schema([])
-    select = ", ".join(f"CAST(NULL AS {c['type']}) AS {quote_ident(c['name'])}" for c in columns)
-    con = duckdb.connect(":memory:", config={"threads": 1})
-    try:
-        return con.execute(f"SELECT {select} LIMIT 0").fetch_arrow_table().schema
-    finally:
-        con.close()

@@ -132,9 +132,15 @@ class FlightSqlServer(fl.FlightServerBase):
         self._schemas: collections.OrderedDict[tuple, tuple[tuple, pa.Schema]] = \
             collections.OrderedDict()  # statement schemas (see _describe), shared by gRPC threads
         self._lock = threading.Lock()
+        self.duckdb = statements.LocalDuckDB()
         super().__init__(location, auth_handler=AcceptHandshake(),
                          middleware={KEY: TokenAuth(store)} if store is not None else None,
                          tls_certificates=tls or [])
+
+    def close(self) -> None:
+        """Stop serving; waits for the calls in flight (so: not on the loop they need)."""
+        self.shutdown()
+        self.duckdb.close()
 
     # --- RPCs ---
 
@@ -250,7 +256,7 @@ class FlightSqlServer(fl.FlightServerBase):
             if known is not None and known[0] == generation:
                 self._schemas.move_to_end(key)
                 return known[1]
-        described = statements.describe_sql(sql)
+        described = self.duckdb.describe_sql(sql)
         if described is None:
             return None
         ask = self._ask(call, *described)
@@ -311,7 +317,7 @@ class FlightSqlServer(fl.FlightServerBase):
             if name == "CommandGetDbSchemas":
                 return metadata.db_schemas(described, command["catalog"],
                                            command["db_schema_filter_pattern"])
-            return metadata.tables(described, command)
+            return metadata.tables(described, command, self.duckdb.arrow_schema)
         return METADATA[name].empty_table()  # keys: duckfleet has none
 
     @staticmethod

@@ -12,20 +12,22 @@ Values become what HTTP's JSON params would be after msgpack (the worker's wire)
 strings, booleans, None, bytes, and timestamps; dates, times, decimals and intervals as text,
 which DuckDB casts where the query uses them.
 
-`describe_sql` is what CreatePreparedStatement runs to learn the result's schema: DuckDB cannot
-describe a statement with unbound parameters, but the statement as a subquery with LIMIT 0 and
-NULL for each parameter gives the schema without reading data. All functions are pure and run
-on gRPC threads; parsing uses a private DuckDB connection per call (the parser only).
+`LocalDuckDB.describe_sql` is what CreatePreparedStatement runs to learn the result's schema:
+DuckDB cannot describe a statement with unbound parameters, but the statement as a subquery
+with LIMIT 0 and NULL for each parameter gives the schema without reading data. Everything
+here runs on gRPC threads.
 """
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import duckdb
 import msgspec
 import pyarrow as pa
 
+from engine.catalog import quote_ident
 from engine.errors import Kind, QueryError
 
 VERSION = 1
@@ -64,21 +66,42 @@ def parameters(table: pa.Table, max_bytes: int) -> list[Any] | None:
         raise QueryError(Kind.BAD_REQUEST, f"parameters cannot be passed to DuckDB: {exc}") from None
 
 
-def describe_sql(sql: str) -> tuple[str, list[None]] | None:
-    """(SQL that answers the statement's schema with no rows, NULL parameters for it); None if
-    the text is not one statement or not a query: then nothing is run to describe it."""
-    con = duckdb.connect(":memory:", config={"threads": 1})
-    try:
-        statements = con.extract_statements(sql)
-    except duckdb.Error:
-        return None  # the query itself will say what is wrong, when it is run
-    finally:
-        con.close()
-    if len(statements) != 1 or statements[0].type != duckdb.StatementType.SELECT:
-        return None
-    body = sql.strip().rstrip(";")
-    # a newline before the parenthesis: a trailing -- comment must not swallow it
-    return f"SELECT * FROM (\n{body}\n) LIMIT 0", [None] * len(statements[0].named_parameters)
+class LocalDuckDB:
+    """A private in-memory DuckDB connection for what needs DuckDB but no data: parsing a
+    statement, and the Arrow types of DuckDB types. One per server, shared by the gRPC threads
+    under a lock (each use takes microseconds; opening a connection takes milliseconds)."""
+
+    def __init__(self):
+        self._con = duckdb.connect(":memory:", config={"threads": 1})
+        self._lock = threading.Lock()
+
+    def describe_sql(self, sql: str) -> tuple[str, list[None]] | None:
+        """(SQL that answers the statement's schema with no rows, NULL parameters for it);
+        None if the text is not one statement or not a query: then nothing describes it."""
+        try:
+            with self._lock:
+                statements = self._con.extract_statements(sql)
+        except duckdb.Error:
+            return None  # the query itself will say what is wrong, when it is run
+        if len(statements) != 1 or statements[0].type != duckdb.StatementType.SELECT:
+            return None
+        body = sql.strip().rstrip(";")
+        # a newline before the parenthesis: a trailing -- comment must not swallow it
+        return f"SELECT * FROM (\n{body}\n) LIMIT 0", [None] * len(statements[0].named_parameters)
+
+    def arrow_schema(self, columns: list[dict]) -> pa.Schema:
+        """The Arrow schema DuckDB gives columns of these DuckDB types (as the catalog lists
+        them: the types workers produce, by the same DuckDB)."""
+        if not columns:
+            return pa.schema([])
+        select = ", ".join(f"CAST(NULL AS {c['type']}) AS {quote_ident(c['name'])}"
+                           for c in columns)
+        with self._lock:
+            return self._con.execute(f"SELECT {select} LIMIT 0").fetch_arrow_table().schema
+
+    def close(self) -> None:
+        with self._lock:
+            self._con.close()
 
 
 def schema_of(ipc: bytes) -> pa.Schema:
