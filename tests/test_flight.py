@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 
 import adbc_driver_flightsql as flightsql
 import adbc_driver_flightsql.dbapi as fsql
@@ -350,13 +351,23 @@ def test_recycling_under_flight_load_fails_no_call(make_server):
     srv.start()
     sql = "SELECT count(*) AS n FROM cpu WHERE host = $1"
     want = http_rows(srv, sql, params=["server02"])[0][0]
+    enough = threading.Event()
 
     def client(_):
+        answered = 0
         with connect(srv) as con, con.cursor() as cur:
-            for _ in range(25):
+            while not enough.is_set() and answered < 1000:
                 cur.execute(sql, ["server02"])
                 assert cur.fetchall() == [(want,)]
+                answered += 1
+        return answered
 
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        list(pool.map(client, range(4)))
-    assert srv.stats()["recycled"] >= 4  # 100 queries and their schema lookups, 5 a worker
+        clients = [pool.submit(client, n) for n in range(4)]
+        try:
+            wait_for(lambda: srv.stats()["recycled"] >= 4 or any(c.done() for c in clients),
+                     120, what="4 workers recycled under load")
+        finally:
+            enough.set()
+        answered = [c.result(60) for c in clients]  # a failed call raises here
+    assert srv.stats()["recycled"] >= 4, answered
