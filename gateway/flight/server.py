@@ -11,13 +11,14 @@ deadline cancels its query there, which interrupts it in its worker.
   for queries (clients read it from DoGet), the exact schema for catalog commands.
 - DoGet: the worker's Arrow IPC stream, decoded by pyarrow's stream reader from the bytes the
   run API hands over, batch by batch, never row by row; catalog answers as small tables.
-- DoAction: CreatePreparedStatement (its dataset schema from statements.describe_sql, through
-  the same queue and cache as any query) and ClosePreparedStatement (nothing to free).
+- DoAction: CreatePreparedStatement (its dataset schema from LocalDuckDB.describe_sql's query,
+  run through the same queue and cache as any query, remembered until a file changes) and
+  ClosePreparedStatement (nothing to free).
 - DoPut: a prepared query's parameters (answered with a new handle holding them). Updates,
   ingestion and transactions: PERMISSION_DENIED or UNIMPLEMENTED, as HTTP refuses writes.
 
-The server is started by gateway/app.py on the port the supervisor reserved (engine/startup.py)
-and shut down before the fleet; `shutdown` waits for calls in flight.
+The server is started by gateway/app.py on the port the supervisor holds (engine/startup.py)
+and closed before the fleet; `close` waits for calls in flight.
 """
 
 from __future__ import annotations
@@ -112,7 +113,7 @@ def guarded(method):
             call.record(QueryError(Kind.BAD_REQUEST, str(exc)))
             error = flight_error(Kind.BAD_REQUEST, str(exc))
         except pa.ArrowNotImplementedError as exc:  # raised again here: no frame of ours in it
-            call.record(exc)
+            call.record(QueryError(Kind.BAD_REQUEST, str(exc)))
             error = pa.ArrowNotImplementedError(str(exc))
         except Exception as exc:
             log.error("flight_handler_failed", exc_info=True, rpc=rpc)
