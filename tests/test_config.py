@@ -1,5 +1,6 @@
 """Configuration: file, then environment, then flags; bad input named by key, before spawning."""
 
+import socket
 import subprocess
 import sys
 
@@ -57,6 +58,8 @@ def test_config_round_trips_to_children(tmp_path):
     ("[server]\nrate_limit_burst = 0\n", "server.rate_limit_burst"),
     ("[server]\nslow_query_ms = -5\n", "server.slow_query_ms"),
     ("[auth]\nenabled = 'maybe'\n", "auth.enabled"),
+    ("[flight]\nport = 70000\n", "flight.port"),
+    ("[flight]\ntls_cert = 'cert.pem'\n", "flight.tls_key"),
 ])
 def test_bad_values_name_the_key(tmp_path, text, key):
     with pytest.raises(ConfigError) as err:
@@ -88,3 +91,23 @@ def test_supervisor_refuses_bad_config_before_spawning(tmp_path):
 def test_tokens_file_is_relative_to_the_config_file(tmp_path):
     cfg = config.load(write(tmp_path, "[auth]\nenabled = true\ntokens_file = 'secret/t.json'\n"), env={})
     assert cfg.auth.enabled and cfg.auth.tokens_file == str(tmp_path / "secret" / "t.json")
+
+
+def test_flight_port_from_flag_and_environment(tmp_path):
+    from engine.supervisor import parse_args
+
+    _, overrides = parse_args(["--flight-port", "0"])
+    assert config.load(None, env={}, overrides=overrides).flight.port == 0
+    assert config.load(None, env={"DUCKFLEET_FLIGHT_PORT": "9815"}).flight.port == 9815
+    assert config.load(None, env={}).flight.port == 8815
+
+
+def test_supervisor_refuses_a_flight_port_in_use(tmp_path):
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        proc = subprocess.run([sys.executable, "-m", "engine.supervisor", "--config",
+                               str(write(tmp_path, "")), "--port", "0", "--flight-port", str(port)],
+                              cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2
+    assert "flight.port" in proc.stderr and "cannot_start" in proc.stderr
+    assert "spawned" not in proc.stderr
