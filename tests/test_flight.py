@@ -16,9 +16,11 @@ import adbc_driver_flightsql as flightsql
 import adbc_driver_flightsql.dbapi as fsql
 import duckdb
 import pyarrow as pa
+import pyarrow.flight as flight
 import pytest
 
 from engine import tokens
+from gateway.flight import codec, metadata
 from tests.harness import Server, assert_no_leaks, wait_for, write_small_dataset
 
 TYPES_SQL = """
@@ -155,6 +157,32 @@ def test_catalog_commands(flight_server):
     assert listed == {(db["name"], t["name"]): [c["name"] for c in t["columns"]]
                       for db in described["databases"] for t in db["tables"]}
     assert schema.equals(queried)  # what the catalog says is what a query gives
+
+
+def test_keys_type_info_and_writes_with_a_plain_flight_client(flight_server):
+    """What ADBC does not ask but JDBC does, through pyarrow's Flight client and the codec."""
+    client = flight.connect(f"grpc://127.0.0.1:{flight_server.flight_port}")
+    for command, schema in (("CommandGetPrimaryKeys", metadata.PRIMARY_KEYS),
+                            ("CommandGetImportedKeys", metadata.FOREIGN_KEYS),
+                            ("CommandGetExportedKeys", metadata.FOREIGN_KEYS),
+                            ("CommandGetXdbcTypeInfo", metadata.XDBC_TYPE_INFO)):
+        descriptor = flight.FlightDescriptor.for_command(codec.pack(command))
+        info = client.get_flight_info(descriptor)
+        assert info.schema == schema and len(info.endpoints) == 1
+        assert info.endpoints[0].locations == []
+        table = client.do_get(info.endpoints[0].ticket).read_all()
+        assert table.schema == schema and table.num_rows == 0
+    info = client.get_flight_info(flight.FlightDescriptor.for_command(codec.pack("CommandGetSqlInfo")))
+    every = client.do_get(info.endpoints[0].ticket).read_all()
+    assert every.schema == metadata.SQL_INFO and every.num_rows > 70  # what JDBC reads
+    update = flight.FlightDescriptor.for_command(
+        codec.pack("CommandStatementUpdate", query="DELETE FROM cpu"))
+    with pytest.raises(flight.FlightUnauthorizedError, match="only reads"):
+        client.get_flight_info(update)
+    with pytest.raises(flight.FlightUnauthorizedError, match="only reads"):
+        writer, _ = client.do_put(update, pa.schema([]))
+        writer.close()
+    client.close()
 
 
 def test_pandas_and_polars_read_through_adbc(flight_server):

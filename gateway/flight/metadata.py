@@ -4,8 +4,8 @@ Owns the exact schemas clients check (field names, types, nullability, the SqlIn
 union's type codes: the Go driver behind ADBC rejects anything else), duckdb's SqlInfo
 values, and the building of GetCatalogs / GetDbSchemas / GetTables / GetTableTypes answers from
 what the gateway's catalog describes (gateway/catalog.py `describe(scope)`: Arc tables by
-database, within a token's scope). Primary and foreign keys: duckfleet has none, so those
-commands answer empty tables of the right schema.
+database, within a token's scope). Primary and foreign keys: duckfleet has none, and XDBC type
+information is not kept, so those commands answer empty tables of the right schema.
 
 Pure functions, run on gRPC threads. A table's Arrow schema comes from the caller (the server's
 private DuckDB connection casts NULL to each DuckDB type the catalog lists).
@@ -43,6 +43,18 @@ FOREIGN_KEYS = _schema(
     ("key_sequence", pa.int32(), False), ("fk_key_name", _text, True),
     ("pk_key_name", _text, True), ("update_rule", pa.uint8(), False),
     ("delete_rule", pa.uint8(), False))
+XDBC_TYPE_INFO = _schema(
+    ("type_name", _text, False), ("data_type", pa.int32(), False),
+    ("column_size", pa.int32(), True), ("literal_prefix", _text, True),
+    ("literal_suffix", _text, True),
+    ("create_params", pa.list_(pa.field("item", _text, False)), True),
+    ("nullable", pa.int32(), False), ("case_sensitive", pa.bool_(), False),
+    ("searchable", pa.int32(), False), ("unsigned_attribute", pa.bool_(), True),
+    ("fixed_prec_scale", pa.bool_(), False), ("auto_increment", pa.bool_(), True),
+    ("local_type_name", _text, True), ("minimum_scale", pa.int32(), True),
+    ("maximum_scale", pa.int32(), True), ("sql_data_type", pa.int32(), False),
+    ("datetime_subcode", pa.int32(), True), ("num_prec_radix", pa.int32(), True),
+    ("interval_precision", pa.int32(), True))
 _INFO_VALUE = pa.dense_union([
     pa.field("string_value", _text), pa.field("bool_value", pa.bool_()),
     pa.field("bigint_value", pa.int64()), pa.field("int32_bitmask", pa.int32()),

@@ -57,6 +57,7 @@ METADATA = {
     "CommandGetExportedKeys": metadata.FOREIGN_KEYS,
     "CommandGetImportedKeys": metadata.FOREIGN_KEYS,
     "CommandGetCrossReference": metadata.FOREIGN_KEYS,
+    "CommandGetXdbcTypeInfo": metadata.XDBC_TYPE_INFO,
 }
 # pyarrow puts a Python traceback in the status of a non-Flight exception (ArrowInvalid, our
 # INVALID_ARGUMENT): the frames that raise it are given this name instead of the server's path.
@@ -319,7 +320,7 @@ class FlightSqlServer(fl.FlightServerBase):
                 return metadata.db_schemas(described, command["catalog"],
                                            command["db_schema_filter_pattern"])
             return metadata.tables(described, command, self.duckdb.arrow_schema)
-        return METADATA[name].empty_table()  # keys: duckfleet has none
+        return METADATA[name].empty_table()  # keys (duckfleet has none), XDBC type info
 
     @staticmethod
     def _info(descriptor, ticket: bytes, schema: pa.Schema | None) -> fl.FlightInfo:
