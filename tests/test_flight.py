@@ -304,6 +304,25 @@ def test_timeout_and_overload(make_server):
             assert cur.fetchall() == [(42,)]
 
 
+@pytest.mark.slow
+def test_a_client_that_stops_reading_ends_its_query(make_server):
+    srv = make_server(config="[results]\nsend_timeout_s = 1\n")
+    srv.start()
+    client = flight.connect(f"grpc://127.0.0.1:{srv.flight_port}")
+    sql = "SELECT i, i * 2 AS j, i % 7 AS k FROM range(10000000) t(i)"  # 240 MB of Arrow
+    info = client.get_flight_info(flight.FlightDescriptor.for_command(
+        codec.pack("CommandStatementQuery", query=sql)))
+    reader = client.do_get(info.endpoints[0].ticket)
+    reader.read_chunk()  # then nothing: gRPC's window and the gateway's pipe fill up
+
+    def listed():
+        return [q for q in srv.get("/api/v1/queries").json()["queries"] if q["route"] == "flight"]
+    wait_for(listed, 20, what="the query sending")
+    wait_for(lambda: not listed(), 30, what="the query ended by send_timeout_s")
+    wait_for(lambda: srv.stats()["shm_segments_in_use"] == 0, 20, what="its segments freed")
+    client.close()
+
+
 def test_the_cache_answers_flight_and_http_alike(flight_server):
     srv = flight_server
     first = "SELECT host, max(usage_user) AS top FROM cpu GROUP BY host ORDER BY host"

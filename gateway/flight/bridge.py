@@ -10,8 +10,10 @@ lives on the gateway's asyncio loop. This module owns the crossing:
 - `Pipe`: one result's bytes, from the loop task that reads the run API's pieces (`feed`)
   to the gRPC thread that decodes them with pyarrow's IPC stream reader (`read`, a file-like
   object). At most `limit` bytes wait in it, so a slow client holds the loop task (and through
-  it the run's own back-pressure), never unbounded memory. Each piece is copied once, out of
-  its shared-memory segment (which the run API reuses once the next piece is asked for).
+  it the run's own back-pressure), never unbounded memory; a client that takes nothing for
+  `send_timeout` seconds ends its query (QueryError TIMEOUT), as HTTP's send_timeout_s does.
+  Each piece is copied once, out of its shared-memory segment (which the run API reuses once
+  the next piece is asked for).
 
 Failures cross as exceptions: `call` raises what the coroutine raised; the pipe ends early and
 keeps its error for the reader's owner (gateway/flight/server.py) to raise as a status.
@@ -25,6 +27,8 @@ import concurrent.futures
 import threading
 
 import pyarrow.flight as fl
+
+from engine.errors import Kind, QueryError
 
 POLL_S = 0.05  # how soon a cancelled call is noticed
 
@@ -46,10 +50,11 @@ def call(loop: asyncio.AbstractEventLoop, context, coro):
 class Pipe:
     """Bytes from the loop to one gRPC thread, bounded; `read` is a file's read()."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, context, limit: int):
+    def __init__(self, loop: asyncio.AbstractEventLoop, context, limit: int, send_timeout: float):
         self._loop = loop
         self._context = context
         self._limit = limit
+        self._send_timeout = send_timeout
         self._chunks: collections.deque[memoryview] = collections.deque()
         self._buffered = 0
         self._done = False
@@ -71,7 +76,13 @@ class Pipe:
                     self._cond.notify()
                     return
                 self._room.clear()
-            await self._room.wait()
+            try:
+                async with asyncio.timeout(self._send_timeout):
+                    await self._room.wait()
+            except TimeoutError:
+                raise QueryError(Kind.TIMEOUT, f"the client took no bytes for "
+                                               f"{self._send_timeout:g} s (results.send_timeout_s)"
+                                 ) from None
 
     def finish(self, error: BaseException | None = None) -> None:
         with self._cond:

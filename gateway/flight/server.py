@@ -126,8 +126,10 @@ def guarded(method):
 
 class FlightSqlServer(fl.FlightServerBase):
     def __init__(self, location: str, service: FlightService, loop: asyncio.AbstractEventLoop,
-                 store: TokenStore | None, max_param_bytes: int, tls=None):
+                 store: TokenStore | None, max_param_bytes: int, send_timeout: float,
+                 tls=None):
         self.service = service
+        self.send_timeout = send_timeout
         self.loop = loop
         self.max_param_bytes = max_param_bytes
         self.sql_info = metadata.sql_info_values(_version())
@@ -279,7 +281,7 @@ class FlightSqlServer(fl.FlightServerBase):
         self._may_query(call)
         call.facts.sql, call.facts.format = sql, "arrow"
         ask = self._ask(call, sql, params)
-        pipe = bridge.Pipe(self.loop, call.context, PIPE_BYTES)
+        pipe = bridge.Pipe(self.loop, call.context, PIPE_BYTES, self.send_timeout)
         pipe.start(self.service.pump(ask, pipe, call.facts))
         try:
             reader = pa.ipc.open_stream(pipe)  # waits for the first bytes: errors come first
@@ -398,4 +400,5 @@ def start(cfg: Config, port: int, service: FlightService,
             tls = [(cert.read(), key.read())]
     store = TokenStore(cfg.auth.tokens_file) if cfg.auth.enabled else None
     return FlightSqlServer(f"{'grpc+tls' if tls else 'grpc'}://{host}:{port}", service, loop,
-                           store, cfg.server.max_body_kb * 1024, tls)
+                           store, cfg.server.max_body_kb * 1024, cfg.results.send_timeout_s,
+                           tls)
