@@ -4,12 +4,14 @@
 
 1. The dashboard mix (bench/peers/dashboard.py: 20 panels, live windows aligned to the minute)
    at concurrency 32, closed loop, against duckfleet with the cache off and then on (TTL 60 s,
-   as Arc's guide recommends): QPS, p50, p99, and the cache's own counts.
+   as Arc's guide recommends): QPS, p50, p99, and the cache's own counts. Answers are checked
+   as bench.peers checks them (a fixed 10% sample and every cache-served one, against in-process
+   DuckDB: bench/peers/mixcheck.py).
 2. A cache hit's latency over loopback HTTP (one keep-alive client, sequential; http.client,
    and a bare-socket client that spends almost nothing) against `SELECT 1` in in-process
    DuckDB (threads=1, back to back) and against GET /health, the floor of the HTTP stack.
 
-Writes bench/results/cache.json. Bounded in count and time.
+Writes bench/results/cache.json; exits 1 on any error or wrong answer. Bounded in count and time.
 """
 
 from __future__ import annotations
@@ -26,18 +28,24 @@ from pathlib import Path
 
 import duckdb
 
+from bench.answers import Reference
 from bench.common import percentile, write_report
-from bench.peers import servers, workloads
+from bench.peers import mixcheck, servers, workloads
 from bench.peers.dashboard import NOW0, PANELS, WINDOWS, panel_sql
 from engine.demo import write_demo
 
 CACHE_ON = "[query_cache]\nenabled = true\nttl_seconds = 60\n"
 
 
-def mix(tmp: Path, data: Path, workers: int, cache: bool, duration: float, runs: int) -> dict:
+def mix(tmp: Path, data: Path, workers: int, cache: bool, duration: float, runs: int,
+        reference: Reference) -> dict:
     name = f"duckfleet-cache-{'on' if cache else 'off'}"
+    segments = mixcheck.plan([32], runs, duration)
+    reference.expect(mixcheck.to_expect(segments, mixcheck.warm_queries()))
     with servers.duckfleet(name, tmp, data, workers, CACHE_ON if cache else "") as peer:
-        out = workloads.dashboard(peer, [32], duration, runs, epoch=time.time())["32"]
+        result = workloads.dashboard(peer, segments, duration, reference, mixcheck.warm_queries())
+        out = result["32"]
+        out["warm_up_wrong"] = result["warm_up_wrong"]
         out["cache"] = json.loads(_request(peer.port, "GET", "/api/v1/cache/stats")[1])
     return out
 
@@ -117,15 +125,21 @@ def main(argv=None) -> int:
         tmp = Path(tmp)
         data = tmp / "data"
         write_demo(data)
-        report = {"workers": args.workers, "concurrency": 32, "duration_s": duration, "runs": runs,
-                  "cache_off": mix(tmp, data, args.workers, False, duration, runs),
-                  "cache_on": mix(tmp, data, args.workers, True, duration, runs),
-                  "latency": hit_latency(tmp, data, args.workers, count)}
+        reference = Reference(data)
+        try:
+            report = {"workers": args.workers, "concurrency": 32, "duration_s": duration, "runs": runs,
+                      "cache_off": mix(tmp, data, args.workers, False, duration, runs, reference),
+                      "cache_on": mix(tmp, data, args.workers, True, duration, runs, reference),
+                      "latency": hit_latency(tmp, data, args.workers, count)}
+        finally:
+            reference.close()
     off, on = report["cache_off"], report["cache_on"]
     report["qps_ratio_on_over_off"] = on["qps"] / off["qps"]
     for label, r in (("cache off", off), ("cache on", on)):
+        a = r["answers"]
         print(f"c=32 {label}: {r['qps']:.1f} QPS, p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, "
-              f"errors {r['errors']}/{r['requests']}")
+              f"errors {r['errors']}/{r['requests']}, answers checked {a['checked']} "
+              f"({a['cache_served']} cache-served), wrong {a['wrong'] + len(r['warm_up_wrong'])}")
     print(f"cache on: {on['cache']['hits']} hits, {on['cache']['misses']} misses, "
           f"{on['cache']['coalesced']} coalesced; QPS on/off = {report['qps_ratio_on_over_off']:.1f}")
     lat = report["latency"]
@@ -135,7 +149,8 @@ def main(argv=None) -> int:
           f"{lat['hit_p50_over_select_1_p50']:.2f}; with a bare-socket client p50 "
           f"{lat['hit_raw_socket_client']['p50_ms']:.3f} ms")
     print(f"wrote {write_report('cache', report)}")
-    return 0
+    failed = any(r["errors"] or r["answers"]["wrong"] or r["warm_up_wrong"] for r in (off, on))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -37,7 +37,6 @@ import contextlib
 import http.client
 import json
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -49,12 +48,13 @@ from pathlib import Path
 import duckdb
 import psutil
 
+from bench.answers import Reference, check_answer
 from bench.common import RESULTS, percentile, raise_on_stop_signals
 from bench.peers import servers, tpch
 from bench.peers.ceiling import HourFiles, ceiling_qps
 from bench.peers.dashboard import PANELS, WINDOWS, DashboardMix, MixConfig, panel_sql
-from bench.peers.datasets import DEMO_TABLES, demo_views, tpch_dataset, tpch_views
-from bench.peers.loadgen import closed_loop
+from bench.peers.datasets import demo_views, tpch_dataset, tpch_views
+from bench.peers.loadgen import Reply, closed_loop
 from bench.peers.servers import LOOPBACK, Peer
 from engine.demo import MEASUREMENTS, write_history
 from tests.harness import Server
@@ -93,76 +93,6 @@ def write_data(root: Path, end: datetime, hours: int) -> dict:
     return {"year_dir": str(year), "week_dir": str(week), "hours": hours, "rows": rows,
             "files": hours * len(MEASUREMENTS), "week_files": links,
             "write_s": round(written, 2), "files_per_s": round(hours * len(MEASUREMENTS) / written)}
-
-
-class Reference:
-    """In-process DuckDB holding every row of a data directory, read through the glob with
-    union_by_name: its answers depend on no file list and no pruning."""
-
-    def __init__(self, data_dir: Path):
-        self.con = duckdb.connect()
-        self.con.execute("SET TimeZone = 'UTC'")
-        for table in DEMO_TABLES:
-            glob = f"{data_dir}/default/{table}/**/*.parquet".replace("'", "''")
-            self.con.execute(f"CREATE TABLE {table} AS SELECT * FROM read_parquet('{glob}', "
-                             "union_by_name = true)")
-
-    def rows(self, sql: str) -> list[tuple]:
-        return [tuple(_jsonish(v) for v in row) for row in self.con.execute(sql).fetchall()]
-
-    def close(self) -> None:
-        self.con.close()
-
-
-def _jsonish(value):
-    """A DuckDB value as duckfleet's JSON writes it (README: How values are encoded)."""
-    if isinstance(value, datetime):
-        return value.strftime("%Y-%m-%dT%H:%M:%S.%f")
-    return value
-
-
-def wrong_answer(sql: str, got: list, want: list) -> str | None:
-    """None when the rows agree (in order; or as a multiset, where ORDER BY leaves ties)."""
-    got = [tuple(r) for r in got]
-    if len(got) != len(want):
-        return f"{len(got)} rows, expected {len(want)}"
-    if all(_same_row(a, b) for a, b in zip(got, want)):
-        return None
-    for n, (a, b) in enumerate(zip(sorted(got, key=tpch._sort_key), sorted(want, key=tpch._sort_key))):
-        if not _same_row(a, b):
-            return f"row {n}: {a!r} != {b!r}"
-    return None
-
-
-def _same_row(a, b) -> bool:
-    return len(a) == len(b) and all(tpch._same_value(x, y) for x, y in zip(a, b))
-
-
-TOP_N = re.compile(r"\s+ORDER BY (\w+)(?: DESC)?\s+LIMIT \d+\s*$", re.I)
-
-
-def check_answer(reference: "Reference", sql: str, got: list, columns: list[str] | None) -> str | None:
-    """wrong_answer against the reference; for `ORDER BY <column> LIMIT n` whose cut falls in a
-    tie, any of the tied rows is right: then the rows must all be rows of the unlimited result,
-    with the same sort keys as the reference's."""
-    want = reference.rows(sql)
-    problem = wrong_answer(sql, got, want)
-    top = TOP_N.search(sql)
-    if problem is None or top is None or not columns or top.group(1) not in columns:
-        return problem
-    key = columns.index(top.group(1))
-    unlimited = reference.rows(sql[:top.start()] + f" ORDER BY {top.group(1)}")
-    keys_got = sorted(float(r[key]) for r in got)
-    keys_want = sorted(float(r[key]) for r in want)
-    if len(got) != len(want) or not all(tpch._same_value(a, b) for a, b in zip(keys_got, keys_want)):
-        return problem
-    left = list(unlimited)
-    for row in map(tuple, got):
-        match = next((i for i, r in enumerate(left) if _same_row(row, r)), None)
-        if match is None:
-            return problem
-        left.pop(match)
-    return None
 
 
 # --- duckfleet ---
@@ -260,14 +190,14 @@ class Sample:
         self.panel_of[n] = panel
         return panel_sql(panel, end, length)
 
-    def on_reply(self, n: int, sql: str, status: int, body: bytes) -> None:
+    def on_reply(self, reply: Reply) -> None:
         self.replies += 1
-        k = self.count.get(n, 0)
-        self.count[n] = k + 1
-        panel = self.panel_of[n]
-        if status == 200 and (k % SAMPLE_EVERY == 0 or panel not in self.seen):
+        k = self.count.get(reply.client, 0)
+        self.count[reply.client] = k + 1
+        panel = self.panel_of[reply.client]
+        if reply.status == 200 and (k % SAMPLE_EVERY == 0 or panel not in self.seen):
             self.seen.add(panel)
-            self.kept.append((panel, sql, body))
+            self.kept.append((panel, reply.sql, reply.body))
 
 
 def check(sample: Sample, reference: Reference, out: dict, label: str) -> dict:
@@ -391,7 +321,7 @@ def check_pruned_ceiling(data: Path, config: MixConfig, reference: Reference, ou
                 for end in ends:
                     sql = panel_sql(panel, end, length)
                     cursor = con.execute(hours.sql(panel, end, length))
-                    got = [tuple(_jsonish(v) for v in r) for r in cursor.fetchall()]
+                    got = cursor.fetchall()
                     problem = check_answer(reference, sql, got, [d[0] for d in cursor.description])
                     if problem:
                         out["problems"].append(f"pruned ceiling {panel} {end} {length}: {problem}")
@@ -409,22 +339,16 @@ def run_tpch(tmp: Path, cfg: dict, workers: int, out: dict) -> dict:
     with servers.in_process("in-process-1thread", tpch_views(data), 1) as ref_peer:
         print("[history] tpch: in-process, threads=1", flush=True)
         reference = tpch.reference_tables(ref_peer, queries)  # its warm pass
-        result["in_process_1thread"] = tpch.run(ref_peer, queries, reference, cfg["tpch_runs"])
+        result["in_process_1thread"] = tpch.run(ref_peer, queries, reference, cfg["tpch_runs"], warm=False)
         print("[history] tpch: duckfleet", flush=True)
         with fleet("duckfleet-tpch", tmp, data, workers, cfg["boot_timeout_s"], out, TPCH_CONFIG) as server:
-            peer = _peer(server)
-            warm_pass = [tpch._one(peer, n, sql, reference) for n, sql in queries.items()]
-            result["duckfleet"] = tpch.run(peer, queries, reference, cfg["tpch_runs"])
+            result["duckfleet"] = tpch.run(_peer(server), queries, reference, cfg["tpch_runs"])
     fleet_run = result["duckfleet"]
-    fleet_run["warm_pass_errors"] = [r for r in warm_pass if "error" in r]
-    fleet_run["warm_pass_mismatches"] = [{"query": r["query"], "mismatch": r["mismatch"]}
-                                         for r in warm_pass if r.get("mismatch")]
     for r in (result["in_process_1thread"], fleet_run):
         r.pop("per_query_s", None)
-    if fleet_run["errors"] or fleet_run["mismatches"] or fleet_run["warm_pass_errors"] \
-            or fleet_run["warm_pass_mismatches"] or not fleet_run["complete"]:
+    if fleet_run["errors"] or fleet_run["mismatches"]:
         out["problems"].append("tpch: duckfleet errors or mismatches")
-        out["wrong_answers"] += [{"tpch": m} for m in fleet_run["mismatches"] + fleet_run["warm_pass_mismatches"]]
+        out["wrong_answers"] += [{"tpch": m} for m in fleet_run["mismatches"]]
     return result
 
 
@@ -495,9 +419,9 @@ def summary_lines(out: dict) -> list[str]:
             lines.append(f"ceiling over the week, {c['form']}: {c['qps']:.1f} QPS ({c['processes']} processes, no client)")
     t = out.get("tpch", {})
     if "duckfleet" in t:
-        lines.append(f"TPC-H SF{t['scale_factor']:g}, {t['runs']} run(s) each: duckfleet "
-                     f"{t['duckfleet']['sequential_total_s']:.2f} s, in-process threads=1 "
-                     f"{t['in_process_1thread']['sequential_total_s']:.2f} s")
+        total = lambda r: "failed" if r["sequential_total_s"] is None else f"{r['sequential_total_s']:.2f} s"  # noqa: E731
+        lines.append(f"TPC-H SF{t['scale_factor']:g}, {t['runs']} run(s) each after a warm pass: "
+                     f"duckfleet {total(t['duckfleet'])}, in-process threads=1 {total(t['in_process_1thread'])}")
     return lines
 
 

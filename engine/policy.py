@@ -15,9 +15,15 @@ in it is checked against engine/allowlist.py: table functions must be allowed, r
 functions and system views are named in the 403, and a file read by a replacement scan
 (`FROM 'x.csv'`) must be Parquet. Views of the catalog are the operator's and are not looked
 into. A tree too deep to decode is refused as a SQL error, like DuckDB's own depth limit.
+
+`Checked` remembers the statements it found allowed, by text (the verdict depends on nothing
+else): a dashboard's queries, and a planned statement's text with markers (engine/sqltree.fill),
+are parsed and walked once, not per request.
 """
 
 from __future__ import annotations
+
+import collections
 
 import duckdb
 
@@ -55,6 +61,27 @@ def check(con: duckdb.DuckDBPyConnection, sql: str) -> None:
         raise QueryError(Kind.FORBIDDEN,
                          f"{statement.type.name} statements are not allowed: only reads run here")
     check_calls(syntax_tree(con, statement.query))
+
+
+class Checked:
+    """Statements found allowed, at most `max_bytes` of their text, least recently used out."""
+
+    def __init__(self, max_bytes: int = 16 * 2**20):
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._texts: collections.OrderedDict[str, None] = collections.OrderedDict()
+
+    def check(self, con: duckdb.DuckDBPyConnection, sql: str) -> None:
+        if sql in self._texts:
+            self._texts.move_to_end(sql)
+            return
+        check(con, sql)
+        if len(sql) > self.max_bytes // 16:
+            return  # a huge statement is rare; it would push out many usual ones
+        self._texts[sql] = None
+        self.bytes += len(sql)
+        while self.bytes > self.max_bytes:
+            self.bytes -= len(self._texts.popitem(last=False)[0])
 
 
 def syntax_tree(con: duckdb.DuckDBPyConnection, sql: str) -> dict:

@@ -19,7 +19,7 @@ import msgspec
 from engine.errors import Kind
 
 VERSION = 5  # 3: Query.databases, streaming (Grant, Chunk), Welcome, Bye, Status; 4: Query.catalog
-# 5: Progress; Failure.kind typed; Hello without settings (the worker logs them)
+# 5: Progress; Failure.kind typed; Hello without settings (the worker logs them); Query.fills
 MAGIC = b"DF"
 HEADER = struct.Struct("!2sBxI")
 MAX_FRAME = 64 * 1024 * 1024  # SQL text and parameters; results travel in shared memory
@@ -49,7 +49,8 @@ class Query(msgspec.Struct, tag=True, frozen=True):
     `databases` limits what the query may read to those databases (a token's scope); None
     means the whole catalog. `catalog` is the version of the gateway's table set: a worker
     whose views are older makes them again before it runs the query, reading the tables in
-    `evolved` (files of several schemas) by name.
+    `evolved` (files of several schemas) by name. With `fills`, `sql` is a planned statement
+    holding markers, each replaced by its value before it runs (engine/sqltree.fill).
     """
     id: int
     sql: str
@@ -63,6 +64,7 @@ class Query(msgspec.Struct, tag=True, frozen=True):
     databases: list[str] | None = None
     catalog: int = 0
     evolved: list[str] | None = None
+    fills: dict[str, str | list[str]] | None = None
 
 
 class Grant(msgspec.Struct, tag=True, frozen=True):

@@ -2,6 +2,11 @@
 the socket: the gateway's analysis (gateway/sqlkey.py, pruning) and the worker's statement
 policy (engine/policy.py). Runs on the caller's DuckDB connection and thread.
 
+`fill` completes a planned statement (gateway/catalog.py): the plan's text holds markers,
+string constants that each request replaces by its own values (the files a table reference
+reads, the request's instant), always as quoted string constants, so the statement's calls are
+those of the text with markers, and the worker checks that text once (engine/policy.py).
+
 DuckDB writes Infinity and NaN unquoted, which is not JSON: msgspec refuses that text, so it is
 decoded again with the json module, where they become {"float": "Infinity"} (a cache key still
 tells 1e400 from NULL). `max_bytes` refuses a tree too large to decode and walk (TOO_LARGE).
@@ -26,3 +31,17 @@ def parse_tree(con: duckdb.DuckDBPyConnection, sql: str, max_bytes: int = 0) -> 
         return msgspec.json.decode(text)
     except msgspec.DecodeError:
         return json.loads(text, parse_constant=lambda c: {"float": c})
+
+
+def literal(text: str) -> str:
+    """A SQL string constant."""
+    return "'" + text.replace("'", "''") + "'"
+
+
+def fill(template: str, fills: dict[str, str | list[str]]) -> str:
+    """The statement with each marker constant ('marker') replaced by its value: a string, or
+    a list of strings (the items of a list constant, which the marker stood in)."""
+    for marker, value in fills.items():
+        text = literal(value) if isinstance(value, str) else ", ".join(map(literal, value))
+        template = template.replace(literal(marker), text)
+    return template

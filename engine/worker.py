@@ -54,6 +54,7 @@ from engine.progress import ProgressReporter
 from engine.process import BOOT_FAILED, OVER_MEMORY, die_with_parent, malloc_trim
 from engine.redact import Redactor, first_line
 from engine.shm import ChunkWriter
+from engine.sqltree import fill
 
 log = log_mod.get()
 
@@ -96,6 +97,7 @@ class Worker:
                         if workers.rss_margin_mb else 0)
         self.watch = MemoryWatch(self.rss_cap, workers.rss_check_ms / 1000, self.over_memory)
         self.watch.start()
+        self.checked = policy.Checked()  # statements found allowed, checked once each
         self.progress = ProgressReporter(workers.progress_ms / 1000, self.send)
         self.progress.start()
 
@@ -327,12 +329,13 @@ class Worker:
                 if self._interrupted == query.id:  # cancelled before DuckDB could be told
                     raise QueryError(Kind.TIMEOUT, "query cancelled")
                 self._running = (query.id, con)
-            policy.check(con, query.sql)
+            self.checked.check(con, query.sql)
+            sql = fill(query.sql, query.fills) if query.fills else query.sql
             tally = Tally()
             self.progress.arm(query.id, con, tally)
             with ChunkWriter(query.segment, query.chunk_bytes, query.max_result_bytes,
                              hand_over, self._next_segment) as sink:
-                rel = con.sql(query.sql, params=query.params) if query.params else con.sql(query.sql)
+                rel = con.sql(sql, params=query.params) if query.params else con.sql(sql)
                 if rel is None:
                     raise QueryError(Kind.BAD_REQUEST, "the statement returns no result")
                 rows = write_result(rel, query.format, sink, query.batch_rows, tally)

@@ -35,7 +35,7 @@ import msgspec
 
 from engine import index as index_mod, log as log_mod, sandbox
 from engine.config import CatalogConfig
-from engine.sqltree import parse_tree
+from engine.sqltree import fill, parse_tree
 from gateway import prune, tables as tables_mod
 from gateway.sqlkey import Analysis, SqlAnalyzer
 from gateway.tables import TableFiles
@@ -56,6 +56,7 @@ class Plan:
     tables: tuple[str, ...] = ()  # the Arc tables it reads (casefolded keys)
     evolved: list[str] | None = None  # tables of several schemas, for the worker's views
     changes: int = 0     # Catalog.changes it is current for (see Catalog.current)
+    fills: dict | None = None  # marker -> value, when `sql` holds markers (engine/sqltree.fill)
 
 
 @dataclass
@@ -261,33 +262,29 @@ class Catalog:
         seen = tuple(template.seen)
         scanned = sum(len(self.tables[key].files) for key in seen if key in self.tables)
 
-        def made(run: str, pruned: int = 0) -> Plan:
+        def made(run: str, pruned: int = 0, fills: dict | None = None) -> Plan:
             return Plan(template.analysis, run, scanned - pruned, pruned, self.version, seen,
-                        self.evolved)
+                        self.evolved, fills=fills)
 
         if template.run_sql is None:
             return made(sql)
-        literals = self._instant() if template.clocked else {}
+        instants = self._instant() if template.clocked else {}
         values = template.values
         if values is None:
-            values = self._evaluate(template.bounds_sql, literals)
-        lists, pruned = [], 0
-        for table_key, terms in template.refs:
+            values = self._evaluate(template.bounds_sql, instants)
+        fills: dict[str, str | list[str]] = dict(instants)
+        pruned = 0
+        for n, (table_key, terms) in enumerate(template.refs):
             table = self.tables.get(table_key)
             if table is None:  # gone since the template was made
                 return made(sql)
             ranges = prune.intervals(("and", terms), values) if values is not None else None
             chosen = table.select(ranges) if ranges is not None else range(len(table.files))
             pruned += len(table.files) - len(chosen)
-            lists.append(", ".join(_literal(table.paths[i]) for i in chosen))
+            fills[f"{self._mark}_files_{n}"] = [table.paths[i] for i in chosen]
         if not pruned:
             return made(sql)
-        text = template.run_sql
-        for n, files in enumerate(lists):
-            text = text.replace(f"'{self._mark}_files_{n}'", files)
-        for marker, literal in literals.items():
-            text = text.replace(marker, literal)
-        return made(text, pruned)
+        return made(template.run_sql, pruned, fills)  # the worker fills it in (engine/sqltree.py)
 
     def _template(self, sql: str, scope: list[str] | None) -> Template:
         analysis = self.analyzer.analyze(sql)
@@ -352,9 +349,9 @@ class Catalog:
 
     def _instant(self) -> dict[str, str]:
         now = datetime.now(timezone.utc)
-        return {f"'{self._now_marker('TIMESTAMP WITH TIME ZONE')}'": _literal(now.isoformat(sep=" ")),
-                f"'{self._now_marker('TIMESTAMP')}'": _literal(now.replace(tzinfo=None).isoformat(sep=" ")),
-                f"'{self._now_marker('DATE')}'": _literal(now.date().isoformat())}
+        return {self._now_marker("TIMESTAMP WITH TIME ZONE"): now.isoformat(sep=" "),
+                self._now_marker("TIMESTAMP"): now.replace(tzinfo=None).isoformat(sep=" "),
+                self._now_marker("DATE"): now.date().isoformat()}
 
     # --- DuckDB: bounds, rewrites ---
 
@@ -374,12 +371,10 @@ class Catalog:
             for i in range(len(consts)))
         return f"SELECT {outer} FROM ({inner})"
 
-    def _evaluate(self, bounds_sql: str, literals: dict[str, str]) -> list | None:
+    def _evaluate(self, bounds_sql: str, instants: dict[str, str]) -> list | None:
         """Every bound as microseconds (None: SQL NULL); None if DuckDB refuses them."""
-        for marker, literal in literals.items():
-            bounds_sql = bounds_sql.replace(marker, literal)
         try:
-            return list(self._con.execute(bounds_sql).fetchone())
+            return list(self._con.execute(fill(bounds_sql, instants)).fetchone())
         except duckdb.Error:
             return None
 
@@ -464,6 +459,3 @@ def _constant(text: str) -> dict:
             "value": {"type": {"id": "VARCHAR", "type_info": None}, "is_null": False,
                       "value": text}}
 
-
-def _literal(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"

@@ -244,11 +244,12 @@ class Fleet:
 
     async def submit(self, sql: str, fmt: str, params: list | None, timeout_s: float | None,
                      priority: str, databases: list[str] | None = None, catalog: int = 0,
-                     evolved: list[str] | None = None) -> Job:
+                     evolved: list[str] | None = None, fills: dict | None = None) -> Job:
         """Admit, take a worker and a segment, send the query; the caller reads the Job.
 
         `databases`: the token's scope, enforced by the worker (None: the whole catalog);
-        `catalog`, `evolved`: the table set the query was planned against (Query says more).
+        `catalog`, `evolved`, `fills`: the table set the query was planned against, and the
+        values of its markers (Query says more).
         """
         started = time.perf_counter()
         while True:
@@ -269,7 +270,7 @@ class Fleet:
         link.job = job
         job.start(protocol.Query(job.id, sql, fmt, segment.name, self.segments.chunk_bytes,
                                  params, self.max_result_bytes, self.batch_rows, timeout,
-                                 databases, catalog, evolved), segment)
+                                 databases, catalog, evolved, fills), segment)
         return job
 
     def stats(self) -> dict:

@@ -293,7 +293,8 @@ class Runner:
             if not self.catalog.current(plan):  # files changed since it was planned
                 plan = await self.catalog.plan(ask.sql, ask.databases)
             job = await self.fleet.submit(plan.sql, ask.fmt, ask.params, ask.timeout_s,
-                                          ask.priority, ask.databases, plan.catalog, plan.evolved)
+                                          ask.priority, ask.databases, plan.catalog, plan.evolved,
+                                          plan.fills)
             activity.job, activity.state = job, "running"
             result = LiveResult(job, activity, plan)
             try:

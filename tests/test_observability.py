@@ -1,5 +1,7 @@
 """Metrics, logs, request ids and the OpenAPI document, from a live fleet."""
 
+import http.client
+import json
 import os
 import signal
 import threading
@@ -160,6 +162,35 @@ def test_timeouts_crashes_and_fleet_events(make_server, data):
     assert ready.count(("worker", 0)) == 2 and ("gateway", None) in ready
     exited = {e["child_pid"] for e in srv.events("exited")}
     assert exited == {e["child_pid"] for e in spawned} - {victim}
+
+
+def test_a_cut_stream_is_logged_and_counted_as_it_was_sent(make_server, data):
+    """A result cut at max_result_mb after its headers: one access line with the status that
+    went out (200), why it was cut, the body bytes sent and the request id, also on the
+    stream_aborted warning; one metrics sample that says the same."""
+    srv = make_server(data_dir=data, config="[results]\nchunk_mb = 1\nmax_result_mb = 3\n").start()
+    conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=60)
+    conn.request("POST", "/api/v1/query", json.dumps(
+        {"sql": "SELECT i, 'v' || i AS s FROM range(400000) t(i)"}).encode(),
+        {"X-Request-Id": "cut-1"})
+    resp = conn.getresponse()
+    assert resp.status == 200
+    with pytest.raises(http.client.IncompleteRead) as cut:
+        resp.read()
+    conn.close()
+    access = wait_for(lambda: [e for e in srv.events("access") if e["request_id"] == "cut-1"],
+                      10, what="the access line")
+    assert len(access) == 1
+    line = access[0]
+    assert (line["status"], line["aborted"]) == (200, "too_large"), line
+    assert line["bytes"] >= len(cut.value.partial) > 0, line
+    aborted = srv.event("stream_aborted")
+    assert aborted["request_id"] == "cut-1" and aborted["aborted"] == "too_large"
+    metrics = samples(srv)
+    assert metrics[("duckfleet_queries_aborted_total", frozenset({("reason", "too_large")}))] == 1
+    assert metrics[("duckfleet_queries_total",
+                    frozenset({("status", "200"), ("format", "json")}))] == 1
+    assert metrics[("duckfleet_sent_bytes_total", frozenset())] >= line["bytes"]
 
 
 # --- the OpenAPI document ---

@@ -12,19 +12,26 @@ then 503 "No available connections after 5.0s", as Arc's pool answered), runs th
 After a result of more than ARC_RECREATE_AFTER_ROWS rows (Arc: 5000) the connection is closed
 and recreated before it goes back to the pool, as Arc's pool fix did to release memory.
 
+With ARC_CACHE_TTL > 0, each worker keeps the query cache the production guide prescribes
+(`[query_cache] ttl_seconds = 60, max_size = 100, max_result_mb = 10`): JSON answers by SQL text,
+in the worker's own memory (Arc's cache was per worker), least recently used first out past
+max_size, bodies over max_result_mb not kept; `X-Cache: hit | miss` says which.
+
 Configured by the environment (the harness sets it): ARC_BOOT_SQL (a file of statements, one a
 line), ARC_POOL_SIZE, ARC_THREADS, ARC_MEMORY_LIMIT ("" = DuckDB's default), ARC_RECREATE_AFTER_ROWS,
-and ARC_PRUNE_DIR: when set, each query's tables are pruned as Arc's Python tier pruned them
+ARC_CACHE_TTL, ARC_CACHE_MAX_SIZE, ARC_CACHE_MAX_RESULT_MB, and ARC_PRUNE_DIR: when set, each query's tables are pruned as Arc's Python tier pruned them
 (bench/peers/arc_pruner.py: regular expressions on literal times, hour globs under that data
 directory) before it runs; the `X-Arc-Pruned-Globs` header says how many hour globs it read.
 """
 
 from __future__ import annotations
 
+import collections
 import datetime
 import json
 import os
 import queue
+import threading
 import time
 from pathlib import Path
 
@@ -46,7 +53,39 @@ def _settings() -> dict:
         "memory_limit": os.environ.get("ARC_MEMORY_LIMIT", ""),
         "recreate_after_rows": int(os.environ.get("ARC_RECREATE_AFTER_ROWS", "5000")),
         "prune_dir": os.environ.get("ARC_PRUNE_DIR", ""),
+        "cache_ttl": float(os.environ.get("ARC_CACHE_TTL", "0")),
+        "cache_max_size": int(os.environ.get("ARC_CACHE_MAX_SIZE", "100")),
+        "cache_max_bytes": int(float(os.environ.get("ARC_CACHE_MAX_RESULT_MB", "10")) * 2**20),
     }
+
+
+class QueryCache:
+    """One worker's cache of JSON answers by SQL text; endpoints run on threads, hence the lock."""
+
+    def __init__(self, ttl: float, max_size: int, max_bytes: int):
+        self.ttl, self.max_size, self.max_bytes = ttl, max_size, max_bytes
+        self._entries: collections.OrderedDict[str, tuple[float, bytes]] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, sql: str) -> bytes | None:
+        with self._lock:
+            entry = self._entries.get(sql)
+            if entry is None:
+                return None
+            if entry[0] < time.monotonic():
+                del self._entries[sql]
+                return None
+            self._entries.move_to_end(sql)
+            return entry[1]
+
+    def put(self, sql: str, body: bytes) -> None:
+        if len(body) > self.max_bytes:
+            return
+        with self._lock:
+            self._entries[sql] = (time.monotonic() + self.ttl, body)
+            self._entries.move_to_end(sql)
+            while len(self._entries) > self.max_size:
+                self._entries.popitem(last=False)
 
 
 class ConnectionPool:
@@ -57,6 +96,8 @@ class ConnectionPool:
         self._free: queue.Queue = queue.Queue()
         for _ in range(settings["pool_size"]):
             self._free.put(self.connect())
+        self.cache = QueryCache(settings["cache_ttl"], settings["cache_max_size"],
+                                settings["cache_max_bytes"]) if settings["cache_ttl"] > 0 else None
 
     def connect(self) -> duckdb.DuckDBPyConnection:
         config = {"threads": self.settings["threads"]}
@@ -109,6 +150,9 @@ def health() -> dict:
 @app.post("/api/v1/query")
 def query(sql: str = Body(..., embed=True)) -> Response:
     started = time.perf_counter()
+    cache = pool().cache
+    if cache is not None and (cached := cache.get(sql)) is not None:
+        return Response(cached, media_type="application/json", headers={"X-Cache": "hit"})
     con = pool().checkout()
     if con is None:
         return _error(503, f"No available connections after {POOL_TIMEOUT_S}s")
@@ -129,8 +173,12 @@ def query(sql: str = Body(..., embed=True)) -> Response:
             "execution_time_ms": (time.perf_counter() - started - waited) * 1000,
             "wait_time_ms": waited * 1000,
             "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(), "error": None}
-    return Response(json.dumps(body, default=str), media_type="application/json",
-                    headers={"X-Arc-Pruned-Globs": str(globs)})
+    encoded = json.dumps(body, default=str).encode()
+    headers = {"X-Arc-Pruned-Globs": str(globs)}
+    if cache is not None:
+        cache.put(sql, encoded)
+        headers["X-Cache"] = "miss"
+    return Response(encoded, media_type="application/json", headers=headers)
 
 
 @app.post("/api/v1/query/arrow")

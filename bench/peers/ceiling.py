@@ -9,6 +9,8 @@ duckfleet's code: what a perfect pruner would read, at no planning cost.
 
 The processes are spawned (DuckDB starts threads; never fork it), boot and warm up, wait at a
 barrier until all are ready, then each runs for `duration` seconds; QPS is their total over it.
+`epoch` is the mix's (dashboard.py): None holds "now" at the config's now0, as bench.peers does.
+No load generator shares their cores, unlike the servers' (the report says so).
 Every process is terminated and joined on the way out, whatever happens.
 """
 
@@ -58,7 +60,7 @@ class HourFiles:
         return _TABLE.sub(table, panel_sql(panel, end, length))
 
 
-def _loop(boot: list[str], seed: int, epoch: float, ready, duration: float, out,
+def _loop(boot: list[str], seed: int, epoch: float | None, ready, duration: float, out,
           config: MixConfig, pruned_dir: str | None) -> None:
     con = duckdb.connect(config={"threads": 1})
     for statement in boot:
@@ -76,7 +78,7 @@ def _loop(boot: list[str], seed: int, epoch: float, ready, duration: float, out,
     out.put(count)
 
 
-def ceiling_qps(boot: list[str], processes: int, duration: float, epoch: float, seed: int,
+def ceiling_qps(boot: list[str], processes: int, duration: float, epoch: float | None, seed: int,
                 config: MixConfig = DEMO, pruned_dir: Path | None = None) -> dict:
     ctx = multiprocessing.get_context("spawn")
     out, ready = ctx.Queue(), ctx.Barrier(processes)

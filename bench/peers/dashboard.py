@@ -5,7 +5,9 @@ to the minute, as a dashboard's time picker and auto-refresh produce; many viewe
 dashboards then ask the same query within a minute, which is what a result cache can serve.
 The rest explore: a window of the same lengths aligned to the hour anywhere in the week of
 data, almost never repeated. "Now" is virtual: it starts at NOW0 and advances with the wall
-clock, so a run of a minute sees one or two values of it.
+clock, so a run of a minute sees one or two values of it; or, with no epoch, it stands at the
+config's `now0` (bench.peers fixes one per run, so its queries can be planned before the load:
+mixcheck.py).
 
 The data's start and length, the first "now" and the span exploration draws from are
 parameters (`MixConfig`): the defaults are the demo's week (now at 6.5 days, exploration over
@@ -102,14 +104,17 @@ DEMO = MixConfig()
 
 
 class DashboardMix:
-    """An endless, seeded sequence of panel queries; `epoch` is when virtual time started."""
+    """An endless, seeded sequence of panel queries; `epoch` is when virtual time started
+    (None: it stands at config.now0)."""
 
-    def __init__(self, seed: int, epoch: float, config: MixConfig = DEMO):
+    def __init__(self, seed: int, epoch: float | None, config: MixConfig = DEMO):
         self.random = random.Random(seed)
         self.epoch = epoch
         self.config = config
 
     def now(self) -> datetime:
+        if self.epoch is None:
+            return self.config.now0
         virtual = self.config.now0 + timedelta(seconds=time.time() - self.epoch)
         return virtual.replace(second=0, microsecond=0)
 

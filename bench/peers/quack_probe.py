@@ -39,14 +39,14 @@ class _DatabasePerClient:
         return _attached(self.uri)
 
 
-def _loaded(con, epoch: float, duration: float) -> dict:
+def _loaded(con, duration: float) -> dict:
     peer = Peer("quack-attach", "duckdb", con=con, cursor_setup=["USE remote"])  # a cursor does not inherit USE
-    mixes = [DashboardMix(seed=7000 + n, epoch=epoch) for n in range(CLIENTS)]
+    mixes = [DashboardMix(seed=7000 + n, epoch=None) for n in range(CLIENTS)]
     r = closed_loop(peer, lambda n: mixes[n].next(), CLIENTS, duration)
     return {k: r[k] for k in ("requests", "ok", "errors", "error_kinds", "qps", "p50_ms", "p99_ms")}
 
 
-def attach_probe(peer: Peer, epoch: float, duration: float = 3.0) -> dict:
+def attach_probe(peer: Peer, duration: float) -> dict:
     uri = quack_uri(peer)
     try:
         con = _attached(uri)
@@ -66,7 +66,7 @@ def attach_probe(peer: Peer, epoch: float, duration: float = 3.0) -> dict:
         return {"attached": True, "sequential_queries": len(PANELS), "sequential_errors": errors,
                 "sequential_error_kinds": kinds,
                 "sequential_p50_ms": statistics.median(times) * 1000 if times else None,
-                f"c{CLIENTS}_cursors_of_one_database": _loaded(con, epoch, duration),
-                f"c{CLIENTS}_database_per_client": _loaded(_DatabasePerClient(uri), epoch, duration)}
+                f"c{CLIENTS}_cursors_of_one_database": _loaded(con, duration),
+                f"c{CLIENTS}_database_per_client": _loaded(_DatabasePerClient(uri), duration)}
     finally:
         con.close()

@@ -21,26 +21,38 @@ FAITHFULNESS = """\
   checkout timeout answering "No available connections after 5.0s", `fetchall()` to Python lists
   then JSON in Arc's shape, the Arrow route materializing the whole table before writing one IPC
   stream, connection recreation after results over 5000 rows, `--max-requests 1000` with jitter.
-  Two configurations: *arc-shipped* (3 workers a core, pool of 5, `threads` = cores, no
-  `memory_limit`, as ARCHITECTURE.md records) and *arc-documented* (the production guide:
-  workers = duckfleet's, pool 1, `threads=1`, `memory_limit = RAM*0.7/workers`).
+  Three configurations: *arc-shipped* (3 workers a core, pool of 5, `threads` = cores, no
+  `memory_limit`, as ARCHITECTURE.md records), *arc-documented* (the production guide:
+  workers = duckfleet's, pool 1, `threads=1`, `memory_limit = RAM*0.7/workers`) and
+  *arc-documented-cache* (the same with the guide's `[query_cache]`: TTL 60 s, 100 entries,
+  10 MB, a cache in each worker process, as Arc's was).
 - **Arc-style tier, not faithful:** rebuilt from descriptions, not Arc's code. Each pooled
   connection is its own in-memory database (an assumption). No auth, no partition pruner (both
-  tiers read the same views), no per-worker result cache, no `gc.collect()` per query, and pool
+  tiers read the same views), no `gc.collect()` per query, and pool
   checkout does not block the event loop (Arc's did: that would make it slower, not faster).
   Sync endpoints share a 40-thread pool, so a worker queues requests on its pool, not its loop.
+  Its cache keeps the encoded JSON body by SQL text and sends it again (Arc's may have re-encoded
+  a kept result: that would be slower); it serves the JSON route only, the one the mix uses.
 - **Quack:** `quack_serve` in one process (`threads` = cores, DuckDB's default memory_limit),
   clients are DuckDB connections in the benchmark process calling `quack_query(uri, sql, token,
   disable_ssl)`, one cursor per client thread; TLS off (loopback). The ATTACH mode is probed
   separately and its error rate reported.
 - **In-process:** DuckDB in the benchmark process, `threads` = cores, one cursor per client
-  thread: no network, no process boundary. The *ceiling* is N single-threaded DuckDB processes
-  (N = duckfleet's workers) looping over the same mix with no HTTP at all.
+  thread: no network, no process boundary. Its RSS is the benchmark process's: the harness, the
+  load generator and the expected answers included (what the process held before the peer
+  opened its database is shown beside it). The *ceiling* is N single-threaded DuckDB processes
+  (N = duckfleet's workers) looping over the same mix with no HTTP at all, and with no load
+  generator on its cores: duckfleet shares its cores with the client (its CPU share is in the
+  table), the ceiling does not, which flatters the ceiling by up to that share.
 - **duckfleet runs its sandbox** (allowed_directories, enable_external_access = false, locked
   configuration) and its statement policy; the other peers do not: part of duckfleet's
   per-query cost here is theirs (this run does not measure how much).
 - **Client:** one asyncio aiohttp client (HTTP peers) or client threads (DuckDB peers) in the
   benchmark process, on the same cores as the server; its CPU share is reported per run.
+- **Same queries for every peer:** the mix is planned before the load (one fixed "now" a run
+  and concurrency); answers checked against in-process DuckDB: the warm-up's, every 10th of each
+  client, every one a cache served. TPC-H: every peer one warm pass, the same timed passes and
+  the median of their totals; a pass with an error has no total (shown as failed).
 """
 
 
@@ -104,12 +116,16 @@ def targets(out: dict) -> list[dict]:
         cache_note = out["unavailable"].get(cached, "")
         check(f"dashboard c=32, cache on (TTL 60 s): duckfleet QPS >= 10 x {arc} QPS", c32 and a32,
               lambda: (c32["qps"], 10 * a32["qps"], c32["qps"] >= 10 * a32["qps"]),
-              f"cache not available ({cache_note})" if not c32 else "QPS")
+              f"cache not available ({cache_note})" if cache_note else "QPS")
+    ac32 = _c32(out, "arc-documented-cache")
+    check("dashboard c=32, both caches on (TTL 60 s): duckfleet QPS >= arc-documented-cache QPS",
+          c32 and ac32, lambda: (c32["qps"], ac32["qps"], c32["qps"] >= ac32["qps"]),
+          "QPS; Arc's cache is in each worker, duckfleet's one for the fleet")
     q32 = _c32(out, "quack")
     for label, mine in (("cache off", f32), ("cache on", c32)):
         check(f"dashboard c=32, {label}: duckfleet QPS >= Quack QPS", mine and q32,
               lambda: (mine["qps"], q32["qps"], mine["qps"] >= q32["qps"]),
-              "QPS" if mine else "cache not available")
+              "QPS")
     large = out["large"]
     d10 = large.get(fleet, {}).get("arrow_10000000", {}).get("seconds")
     i10 = large.get("in-process-1thread", {}).get("arrow_10000000", {}).get("seconds")
@@ -130,7 +146,7 @@ def targets(out: dict) -> list[dict]:
     tf, ti = peers.get(fleet), peers.get("in-process-1thread")
     sf = out.get("tpch", {}).get("scale_factor") or out["plan"]["tpch_sf"]
     check(f"TPC-H SF{sf} sequential total <= 1.1 x in-process (1 thread a worker)",
-          tf and ti and tf["complete"],
+          tf and ti and tf["sequential_total_s"] is not None and ti["sequential_total_s"] is not None,
           lambda: (tf["sequential_total_s"], 1.1 * ti["sequential_total_s"],
                    tf["sequential_total_s"] <= 1.1 * ti["sequential_total_s"]),
           "seconds" + ("" if sf == 1 else f" (the target is for SF1; this run used SF{sf})"))
@@ -154,7 +170,7 @@ def _ratio(a, b) -> str:
 def markdown(out: dict) -> str:
     m, w = out["machine"], out["workers"]
     fleet = f"duckfleet-w{w}"
-    lines = [f"# duckfleet peers benchmark{' (quick)' if out['quick'] else ''}", "",
+    lines = [f"# duckfleet peers benchmark{'' if out['mode'] == 'full' else ' (' + out['mode'] + ')'}", "",
              f"Started {out['started']}, {out['elapsed_s']:.0f} s. Machine: {m['cores']} cores "
              f"({m['cpu_model']}), {m['ram_gb']} GB RAM, {m['platform']}, Python {m['python']}, "
              f"commit {m['commit']}.", "",
@@ -163,42 +179,68 @@ def markdown(out: dict) -> str:
              f"{m['cores']} cores as every server.", ""]
     if out.get("failure"):
         lines += ["**The run failed:**", "", "```", out["failure"][-2000:], "```", ""]
+    if out.get("failures"):
+        lines += ["**duckfleet failed** (each of these fails the run):", ""]
+        lines += [f"- {f[:400]}" for f in out["failures"][:30]] + [""]
+    expected = out.get("answers_expected")
+    if expected:
+        lines += [f"Expected answers of the dashboard mix: {expected['queries']} queries, computed "
+                  f"before any load in {expected['seconds']} s.", ""]
     lines += ["## Targets", "", "| target | value | threshold | result |", "|---|---|---|---|"]
     for t in out["targets"]:
         verdict = {True: "met", False: "**missed**", None: "not measured"}[t["met"]]
         lines.append(f"| {t['target']} | {_f(t['value'], 3)} | {_f(t['threshold'], 3)} | {verdict}: {t['detail']} |")
     lines += ["", "## Dashboard mix (20 panels, closed loop)", "",
               "QPS, p50 / p99 latency in ms, errors, peak RSS of all the peer's processes (MB); "
-              "medians over runs.", "",
-              "| peer | c | QPS | p50 | p99 | errors / requests | peak RSS | client CPU | distinct queries |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "medians over runs. Answers: checked / answered, of them served by a cache, and "
+              "wrong (a wrong duckfleet answer fails the run; a peer's is its result).", "",
+              "| peer | c | QPS | p50 | p99 | errors / requests | answers checked | cache-served | wrong "
+              "| peak RSS | client CPU | distinct queries |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for peer, rows in out["dashboard"].items():
         for c, r in rows.items():
-            if c == "notes":
+            if not c.isdigit():
                 continue
+            a = r["answers"]
+            rss = _f(r["peak_rss_total_mb"], 0)
+            if rows.get("rss_before_mb") is not None:
+                rss += f" (this process; {rows['rss_before_mb']:.0f} before the peer)"
             lines.append(f"| {peer} | {c} | {_f(r['qps'])} | {_f(r['p50_ms'])} | {_f(r['p99_ms'])} | "
-                         f"{r['errors']} / {r['requests']} | {_f(r['peak_rss_total_mb'], 0)} | "
+                         f"{r['errors']} / {r['requests']} | {a['checked']} / {a['of']} | {a['cache_served']} | "
+                         f"{'**' + str(a['wrong']) + '**' if a['wrong'] else 0} | {rss} | "
                          f"{r['client_cpu_share']:.0%} | {r['distinct_query_share']:.0%} |")
     for n, row in out["ceiling"].items():
-        lines.append(f"| in-process ceiling ({n} processes) | - | {_f(row['qps'])} | - | - | - | - | - | - |")
+        lines.append(f"| in-process ceiling ({n} processes; no load generator on its cores) | - | "
+                     f"{_f(row['qps'])} | - | - | - | - | - | - | - | 0% | - |")
     for name, why in out["unavailable"].items():
-        lines.append(f"| {name} | - | unavailable: {why} | | | | | | |")
-    if fleet in out["dashboard"]:
-        lines += ["", f"Ratios {fleet} / peer (QPS; p99):", ""]
+        lines.append(f"| {name} | - | unavailable: {why} | | | | | | | | | |")
+    for peer, rows in out["dashboard"].items():
+        for e in rows.get("warm_up_wrong", [])[:3]:
+            lines.append(f"- **wrong at warm-up** {peer}: {e['wrong']} ({e['sql'][:100]})")
+        for c, r in rows.items():
+            if c.isdigit():
+                lines += [f"- **wrong** {peer} c={c}: {e['wrong']} (X-Cache {e['cache']}; {e['sql'][:100]})"
+                          for e in r["answers"]["wrong_examples"][:3]]
+                lines += [f"- {peer} c={c}: {n}x {k}: {r['first_errors'].get(k, '')[:160]}"
+                          for k, n in list(r["error_kinds"].items())[:3]]
+    for mine in (fleet, f"{fleet}-cache"):
+        if mine not in out["dashboard"]:
+            continue
+        lines += ["", f"Ratios {mine} / peer (QPS; p99):", ""]
         for peer, rows in out["dashboard"].items():
-            if peer == fleet:
+            if peer.startswith("duckfleet"):
                 continue
-            parts = [f"c={c}: {_ratio(out['dashboard'][fleet][c]['qps'], r['qps'])}; "
-                     f"{_ratio(out['dashboard'][fleet][c]['p99_ms'], r['p99_ms'])}"
-                     for c, r in rows.items() if c != "notes" and c in out["dashboard"][fleet]]
+            parts = [f"c={c}: {_ratio(out['dashboard'][mine][c]['qps'], r['qps'])}; "
+                     f"{_ratio(out['dashboard'][mine][c]['p99_ms'], r['p99_ms'])}"
+                     for c, r in rows.items() if c.isdigit() and c in out["dashboard"][mine]]
             lines.append(f"- vs {peer}: " + ", ".join(parts))
         for n, row in out["ceiling"].items():
-            parts = [f"c={c}: {_ratio(r['qps'], row['qps'])}" for c, r in out["dashboard"][fleet].items()
-                     if c != "notes"]
-            lines.append(f"- vs ceiling ({n} processes), QPS: " + ", ".join(parts))
+            parts = [f"c={c}: {_ratio(r['qps'], row['qps'])}" for c, r in out["dashboard"][mine].items()
+                     if c.isdigit()]
+            lines.append(f"- vs ceiling ({n} processes, no client on its cores), QPS: " + ", ".join(parts))
     lines += ["", "Peak RSS by process at the highest concurrency (MB):", ""]
     for peer, rows in out["dashboard"].items():
-        last = [r for c, r in rows.items() if c != "notes"][-1]
+        last = [r for c, r in rows.items() if c.isdigit()][-1]
         procs = ", ".join(f"{k} {v:.0f}" for k, v in last["peak_rss_by_process_mb"].items())
         lines.append(f"- {peer}: {procs}")
     probe = out.get("quack_attach")
@@ -241,16 +283,21 @@ def markdown(out: dict) -> str:
     tp = out.get("tpch", {}).get("peers", {})
     if tp:
         lines += ["", f"## TPC-H SF{out['tpch']['scale_factor']} (22 queries)", "",
-                  "| peer | sequential total s (runs) | wall at c=4 s | errors | mismatches | "
+                  f"Every peer: one warm pass (checked, untimed), {out['tpch']['runs']} timed sequential "
+                  "pass(es), median of their totals, then one pass at c=4. A pass with an error has no "
+                  "total: **failed**.", "",
+                  "| peer | sequential total s (each pass) | wall at c=4 s | errors | mismatches | "
                   f"ratio {fleet} / peer (sequential) |", "|---|---|---|---|---|---|"]
         mine = tp.get(fleet, {}).get("sequential_total_s")
         for peer, r in tp.items():
-            lines.append(f"| {peer} | {r['sequential_total_s']:.2f} ({len(r['sequential_runs'])}) | "
-                         f"{r['concurrent_wall_s']:.2f} | {len(r['errors'])} | {len(r['mismatches'])} | "
+            passes = ", ".join("failed" if t is None else f"{t:.2f}" for t in r["sequential_runs"])
+            total = "**failed**" if r["sequential_total_s"] is None else f"{r['sequential_total_s']:.2f}"
+            wall = "**failed**" if r["concurrent_wall_s"] is None else f"{r['concurrent_wall_s']:.2f}"
+            lines.append(f"| {peer} | {total} ({passes}) | {wall} | {len(r['errors'])} | {len(r['mismatches'])} | "
                          f"{_ratio(mine, r['sequential_total_s'])} |")
         for peer, r in tp.items():
             for e in r["errors"][:5]:
-                lines.append(f"- {peer} Q{e['query']}: {e['error']}")
+                lines.append(f"- {peer} Q{e['query']} ({e['phase']}): {e['error']}")
             for e in r["mismatches"][:5]:
                 lines.append(f"- **mismatch** {peer} Q{e['query']}: {e['mismatch']}")
     from bench.peers.year import markdown as history_markdown  # noqa: PLC0415
@@ -286,7 +333,7 @@ def plots(out: dict, folder: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     written = []
-    rows = {p: {int(c): r for c, r in v.items() if c != "notes"} for p, v in out["dashboard"].items()}
+    rows = {p: {int(c): r for c, r in v.items() if c.isdigit()} for p, v in out["dashboard"].items()}
     if not rows:
         return written
     fig, ax = plt.subplots(figsize=(8, 5))

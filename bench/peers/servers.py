@@ -49,6 +49,7 @@ class Peer:
     sql_for: Callable[[str], str] = lambda sql: sql
     cursor_setup: list[str] = field(default_factory=list)  # run on each client's new cursor
     notes: str = ""
+    rss_before_mb: float | None = None  # in-process peers: the benchmark process alone, before
 
     def cursor(self) -> duckdb.DuckDBPyConnection:
         cursor = self.con.cursor()
@@ -143,6 +144,10 @@ class FlightCursor:
     def fetchall(self) -> list:
         return self._cursor.fetchall()
 
+    @property
+    def description(self):
+        return self._cursor.description
+
     def fetch_arrow_table(self):
         return self._cursor.fetch_arrow_table()
 
@@ -172,14 +177,15 @@ def duckfleet_flight(name: str, tmp: Path, data_dir: Path, workers: int, config:
 
 @contextlib.contextmanager
 def arc_tier(name: str, tmp: Path, boot: list[str], workers: int, pool_size: int, threads: int,
-             memory_limit: str = "", prune_dir: Path | None = None):
+             memory_limit: str = "", prune_dir: Path | None = None, cache_ttl: float = 0):
+    """cache_ttl > 0: each worker's query cache as Arc's production guide sets it (arc_tier.py)."""
     folder = tmp / name
     folder.mkdir(parents=True)
     (folder / "boot.sql").write_text("\n".join(boot) + "\n")
     port = free_port()
     env = {"ARC_BOOT_SQL": str(folder / "boot.sql"), "ARC_POOL_SIZE": str(pool_size),
            "ARC_THREADS": str(threads), "ARC_MEMORY_LIMIT": memory_limit,
-           "ARC_PRUNE_DIR": str(prune_dir or "")}
+           "ARC_PRUNE_DIR": str(prune_dir or ""), "ARC_CACHE_TTL": str(cache_ttl)}
     # Arc's workaround for its leak: recycle each worker after about 1000 requests.
     argv = [sys.executable, "-m", "gunicorn", "-k", "uvicorn.workers.UvicornWorker",
             "-w", str(workers), "-b", f"{LOOPBACK}:{port}", "--timeout", "600",
@@ -201,7 +207,9 @@ def arc_tier(name: str, tmp: Path, boot: list[str], workers: int, pool_size: int
         yield Peer(name, "http", port=port, pids=[proc.pid],
                    notes=f"{workers} workers x pool {pool_size}, threads={threads}, "
                          f"memory_limit={memory_limit or 'DuckDB default (80% RAM)'}"
-                         + (", Arc's regex partition pruning" if prune_dir else ""))
+                         + (", Arc's regex partition pruning" if prune_dir else "")
+                         + (f", query cache in each worker (TTL {cache_ttl:g} s, 100 entries, 10 MB)"
+                            if cache_ttl else ""))
 
 
 # --- Quack: DuckDB's remote protocol ---
@@ -242,12 +250,16 @@ def quack_uri(peer: Peer) -> str:
 
 @contextlib.contextmanager
 def in_process(name: str, boot: list[str], threads: int):
+    """Its RSS is this benchmark process's: `rss_before_mb` is what the process held before
+    the peer's database opened (the harness, the client, the answers it keeps)."""
+    before = psutil.Process().memory_info().rss
     con = duckdb.connect(config={"threads": threads})
     try:
         for statement in boot:
             con.execute(statement)
-        yield Peer(name, "duckdb", pids=[os.getpid()], con=con,
-                   notes=f"this process, threads={threads}, one cursor per client thread")
+        yield Peer(name, "duckdb", pids=[os.getpid()], con=con, rss_before_mb=round(before / 2**20, 1),
+                   notes=f"this process, threads={threads}, one cursor per client thread; its RSS "
+                         f"includes the benchmark process ({before / 2**20:.0f} MB before the peer)")
     finally:
         con.close()
 

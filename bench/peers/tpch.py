@@ -2,20 +2,25 @@
 
 The reference is in-process DuckDB with one thread on the same Parquet files. A peer's result
 must have the same columns and rows: in order where the query has an ORDER BY, as a multiset
-otherwise, with floats equal to a relative 1e-6 (sums in another order round differently).
-A wrong result is a mismatch and fails the run; a peer that answers with an error (Arc's pool
-timeout, a Quack transport error) has it recorded as its error count.
+otherwise, with floats equal to a relative 1e-6 (bench/answers.py's rules). A wrong result is
+a mismatch and fails the run.
+
+Every peer gets the same treatment (`run`): one untimed warm pass, checked (the reference's own
+peer has had it: the pass that made the reference), then `runs` timed sequential passes and one
+pass at CONCURRENCY; the statistic is the median of the passes' totals. A query that errors
+(Arc's pool timeout, a Quack transport error) is a failure: its pass has no total (None, shown
+as failed), never a total without that query's time.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import math
 import statistics
 import time
 
 import pyarrow as pa
 
+from bench.answers import same_value, sort_key
 from bench.peers.loadgen import fetch_arrow
 from bench.peers.servers import Peer
 
@@ -32,17 +37,6 @@ def fetch(peer: Peer, sql: str) -> pa.Table:
         cursor.close()
 
 
-def _sort_key(row: tuple) -> tuple:
-    return tuple(("0", "") if v is None else ("f", float(f"{v:.6g}")) if isinstance(v, float)
-                 else ("s", str(v)) for v in row)
-
-
-def _same_value(a, b) -> bool:
-    if isinstance(a, float) or isinstance(b, float):
-        return a is not None and b is not None and math.isclose(float(a), float(b), rel_tol=1e-6, abs_tol=1e-9)
-    return a == b
-
-
 def mismatch(sql: str, got: pa.Table, want: pa.Table) -> str | None:
     """None when got matches want, else what differs."""
     if got.num_columns != want.num_columns:
@@ -52,56 +46,64 @@ def mismatch(sql: str, got: pa.Table, want: pa.Table) -> str | None:
     rows_got = list(zip(*(c.to_pylist() for c in got.columns)))
     rows_want = list(zip(*(c.to_pylist() for c in want.columns)))
     if "order by" not in sql.lower():
-        rows_got.sort(key=_sort_key)
-        rows_want.sort(key=_sort_key)
+        rows_got.sort(key=sort_key)
+        rows_want.sort(key=sort_key)
     for n, (a, b) in enumerate(zip(rows_got, rows_want)):
-        if not all(_same_value(x, y) for x, y in zip(a, b)):
+        if not all(same_value(x, y) for x, y in zip(a, b)):
             return f"row {n}: {a!r} != {b!r}"
     return None
 
 
-def _one(peer: Peer, number: int, sql: str, reference: dict[int, pa.Table] | None) -> dict:
+def _one(peer: Peer, number: int, sql: str, reference: dict[int, pa.Table]) -> dict:
     started = time.perf_counter()
     try:
         table = fetch(peer, sql)
-    except Exception as exc:  # an error is that peer's result, counted
+    except Exception as exc:  # an error is that peer's result: a failure, counted
         return {"query": number, "error": f"{type(exc).__name__}: {str(exc)[:200]}"}
     seconds = time.perf_counter() - started
-    wrong = mismatch(sql, table, reference[number]) if reference else None
-    return {"query": number, "seconds": seconds, "rows": table.num_rows, "mismatch": wrong,
-            "table": table}
+    return {"query": number, "seconds": seconds, "rows": table.num_rows,
+            "mismatch": mismatch(sql, table, reference[number])}
 
 
-def run(peer: Peer, queries: dict[int, str], reference: dict[int, pa.Table] | None,
-        runs: int) -> dict:
-    """Sequential totals (median of runs) and one run at CONCURRENCY; results checked each time."""
-    totals, per_query, errors, mismatches = [], {}, [], []
-    for _ in range(runs):
-        total = 0.0
+def run(peer: Peer, queries: dict[int, str], reference: dict[int, pa.Table], runs: int,
+        warm: bool = True) -> dict:
+    """A warm pass (unless the peer made the reference), `runs` timed sequential passes (the
+    median of their totals, None when any pass had an error) and one pass at CONCURRENCY."""
+    errors, mismatches = [], []
+
+    def record(r: dict, phase: str) -> None:
+        if "error" in r:
+            errors.append({**r, "phase": phase})
+        elif r["mismatch"]:
+            mismatches.append({"query": r["query"], "mismatch": r["mismatch"], "phase": phase})
+
+    if warm:
+        for number, sql in queries.items():
+            record(_one(peer, number, sql, reference), "warm")
+    totals, per_query = [], {}
+    for n in range(runs):
+        total, failed = 0.0, False
         for number, sql in queries.items():
             r = _one(peer, number, sql, reference)
+            record(r, f"run {n + 1}")
             if "error" in r:
-                errors.append(r)
+                failed = True
                 continue
-            if r["mismatch"]:
-                mismatches.append({"query": number, "mismatch": r["mismatch"]})
             total += r["seconds"]
             per_query.setdefault(number, []).append(r["seconds"])
-        totals.append(total)
+        totals.append(None if failed else total)
     started = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(CONCURRENCY) as pool:
         parallel = list(pool.map(lambda item: _one(peer, *item, reference), queries.items()))
     wall = time.perf_counter() - started
     for r in parallel:
-        if "error" in r:
-            errors.append(r)
-        elif r["mismatch"]:
-            mismatches.append({"query": r["query"], "mismatch": r["mismatch"], "concurrent": True})
-    return {"sequential_total_s": statistics.median(totals), "sequential_runs": totals,
-            "concurrent_wall_s": wall, "concurrency": CONCURRENCY,
+        record(r, f"c={CONCURRENCY}")
+    return {"sequential_total_s": None if None in totals else statistics.median(totals),
+            "sequential_runs": totals, "warm_pass": warm,
+            "concurrent_wall_s": None if any("error" in r for r in parallel) else wall,
+            "concurrency": CONCURRENCY,
             "per_query_s": {str(n): statistics.median(t) for n, t in per_query.items()},
-            "errors": [{k: v for k, v in e.items()} for e in errors], "mismatches": mismatches,
-            "complete": not errors and len(per_query) == len(queries)}
+            "errors": errors, "mismatches": mismatches, "complete": not errors}
 
 
 def reference_tables(peer: Peer, queries: dict[int, str]) -> dict[int, pa.Table]:

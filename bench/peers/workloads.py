@@ -1,7 +1,9 @@
 """The dashboard mix and large results, measured against one running peer.
 
-Dashboard: after a warm-up (every panel once), closed-loop runs at each concurrency, repeated
-`runs` times; the peak RSS of every process of the peer is sampled during each run. Large
+Dashboard: after a warm-up (every panel once), the plan's segments (mixcheck.py: each run at
+each concurrency, the same queries for every peer), closed loop; the peak RSS of every process
+of the peer is sampled during each, and its answers are checked after it (the warm-up's, a
+fixed sample of at least 10%, every one a cache served). Large
 results: Arrow (read into a pyarrow Table) and JSON (the whole body received, not parsed) of
 1M and 10M rows, seconds and rows a second; a measurement whose first run takes longer than
 SLOW_S is not repeated, so a slow peer cannot blow the time budget.
@@ -9,11 +11,13 @@ SLOW_S is not repeated, so a slow peer cannot blow the time budget.
 
 from __future__ import annotations
 
+import json
 import re
 import statistics
 import time
 
-from bench.peers.dashboard import NOW0, PANELS, WINDOWS, DashboardMix, panel_sql
+from bench.answers import Reference, check_answer
+from bench.peers import mixcheck
 from bench.peers.loadgen import closed_loop, fetch_arrow, post
 from bench.peers.servers import Peer, RssSampler
 
@@ -21,46 +25,68 @@ LARGE = {n: f"SELECT i, i * 2 AS j, i % 7 AS k FROM range({n}) t(i)" for n in (1
 SLOW_S = 15.0
 
 
-def warm(peer: Peer) -> None:
-    for panel in PANELS:
-        sql = panel_sql(panel, NOW0, next(iter(WINDOWS)))
+def warm(peer: Peer, reference: Reference, queries: list[str]) -> list[dict]:
+    """Each query once (mixcheck.warm_queries: every panel); its answer checked. An error is
+    raised (the peer cannot be measured)."""
+    wrong = []
+    for sql in queries:
         if peer.kind == "http":
             status, body = post(peer.port, "/api/v1/query", sql)
             if status != 200:
                 raise RuntimeError(f"{peer.name} warm-up: {status} {body[:300]!r}")
+            doc = json.loads(body)
+            rows, columns = doc["data"], doc["columns"]
         else:
             cursor = peer.cursor()
-            cursor.execute(peer.sql_for(sql)).fetchall()
-            cursor.close()
+            try:
+                result = cursor.execute(peer.sql_for(sql))
+                rows, columns = result.fetchall(), [d[0] for d in result.description]
+            finally:
+                cursor.close()
+        problem = check_answer(reference, sql, rows, columns)
+        if problem:
+            wrong.append({"sql": sql, "wrong": problem})
+    return wrong
 
 
-def dashboard(peer: Peer, concurrencies: list[int], duration: float, runs: int, epoch: float) -> dict:
-    warm(peer)
-    per_c: dict[int, list[dict]] = {c: [] for c in concurrencies}
-    for run in range(runs):
-        for c in concurrencies:
-            mixes = [DashboardMix(seed=run * 10_000 + c * 100 + n, epoch=epoch) for n in range(c)]
-            with RssSampler(peer.pids) as rss:
-                stats = closed_loop(peer, lambda n: mixes[n].next(), c, duration)
-            stats["rss"] = rss.summary()
-            per_c[c].append(stats)
-    return {str(c): summarize(rows) for c, rows in per_c.items()}
+def dashboard(peer: Peer, segments: list[mixcheck.Segment], duration: float, reference: Reference,
+              warm_sql: list[str]) -> dict:
+    """{concurrency: summary over runs, "warm_up_wrong": [...]}; warm_sql first (may be empty)."""
+    warm_wrong = warm(peer, reference, warm_sql)
+    per_c: dict[int, list[dict]] = {}
+    for segment in segments:
+        keeper = mixcheck.Keeper()
+        with RssSampler(peer.pids) as rss:
+            stats = closed_loop(peer, segment.feeder(), segment.concurrency, duration,
+                                on_reply=keeper.on_reply)
+        stats["rss"] = rss.summary()
+        stats["answers"] = mixcheck.check(keeper, reference)
+        per_c.setdefault(segment.concurrency, []).append(stats)
+    result = {str(c): summarize(rows) for c, rows in per_c.items()}
+    result["warm_up_wrong"] = warm_wrong
+    return result
 
 
 def summarize(rows: list[dict]) -> dict:
     """Medians over runs of the rates and percentiles; sums of counts; the worst peak RSS."""
     med = lambda key: statistics.median(r[key] for r in rows)  # noqa: E731
     kinds: dict[str, int] = {}
+    first: dict[str, str] = {}
     for r in rows:
         for k, v in r["error_kinds"].items():
             kinds[k] = kinds.get(k, 0) + v
+        for k, v in r["first_errors"].items():
+            first.setdefault(k, v)
+    answers = {k: sum(r["answers"][k] for r in rows) for k in ("checked", "of", "cache_served", "wrong")}
+    answers["wrong_examples"] = [e for r in rows for e in r["answers"]["wrong_examples"]][:5]
     return {"qps": med("qps"), "p50_ms": med("p50_ms"), "p99_ms": med("p99_ms"),
             "requests": sum(r["requests"] for r in rows), "errors": sum(r["errors"] for r in rows),
-            "error_kinds": kinds, "client_cpu_share": med("client_cpu_share"),
+            "error_kinds": kinds, "first_errors": first, "answers": answers,
+            "client_cpu_share": med("client_cpu_share"), "duration_s": med("duration_s"),
             "distinct_query_share": med("distinct_query_share"),
             "peak_rss_total_mb": max(r["rss"]["peak_total_mb"] for r in rows),
             "peak_rss_by_process_mb": rows[-1]["rss"]["peak_by_process_mb"],
-            "runs": [{k: r[k] for k in ("qps", "p50_ms", "p99_ms", "errors")} for r in rows]}
+            "runs": [{k: r[k] for k in ("qps", "p50_ms", "p99_ms", "errors", "duration_s")} for r in rows]}
 
 
 def _fetch(peer: Peer, fmt: str, sql: str, rows: int) -> None:
@@ -86,9 +112,10 @@ def _fetch(peer: Peer, fmt: str, sql: str, rows: int) -> None:
         raise RuntimeError(f"{got} rows, expected {rows}")
 
 
-def large_results(peer: Peer, runs: int, json_max_rows: int) -> dict:
+def large_results(peer: Peer, runs: int, sizes: list[int], json_max_rows: int) -> dict:
     out = {}
-    for rows, sql in LARGE.items():
+    for rows in sizes:
+        sql = LARGE[rows]
         for fmt in ("arrow", "json"):
             if fmt == "json" and rows > json_max_rows:
                 continue
