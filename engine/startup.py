@@ -12,6 +12,7 @@ import os
 import pwd
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -63,6 +64,11 @@ def reserve_flight_port(cfg: config_mod.Config) -> socket.socket | None:
     flight = cfg.flight
     if not flight.enabled:
         return None
+    if flight.tls_cert:  # checked here: a gateway that cannot load them would die at every start
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(flight.tls_cert, flight.tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            raise config_mod.ConfigError(f"flight.tls_cert, flight.tls_key: {exc}") from None
     host = flight.host or cfg.server.host
     family, kind, proto, _, address = socket.getaddrinfo(host, flight.port,
                                                          type=socket.SOCK_STREAM)[0]

@@ -102,6 +102,18 @@ def test_flight_port_from_flag_and_environment(tmp_path):
     assert config.load(None, env={}).flight.port == 8815
 
 
+def test_supervisor_refuses_flight_tls_files_it_cannot_load(tmp_path):
+    (tmp_path / "cert.pem").write_text("not a certificate")
+    (tmp_path / "key.pem").write_text("not a key")
+    proc = subprocess.run([sys.executable, "-m", "engine.supervisor", "--config",
+                           str(write(tmp_path, "[flight]\ntls_cert = 'cert.pem'\n"
+                                               "tls_key = 'key.pem'\n")),
+                           "--port", "0", "--flight-port", "0"],
+                          cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2
+    assert "flight.tls_cert" in proc.stderr and "spawned" not in proc.stderr
+
+
 def test_supervisor_refuses_a_flight_port_in_use(tmp_path):
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
