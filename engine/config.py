@@ -49,6 +49,7 @@ class ServerConfig(_Section):
     header_timeout_s: PositiveFloat = 10.0  # from a request's first byte to its last header line
     body_timeout_s: PositiveFloat = 30.0  # to read a request's whole body
     raise_fd_limit: bool = True  # raise the open-file limit to its hard limit at start
+    console: bool = True  # the web console at / and /console (gateway/console/); false: no such routes
 
 
 class WorkersConfig(_Section):

@@ -72,7 +72,7 @@ def make_app(fleet: Fleet, cfg: config_mod.Config, catalog: Catalog,
                                   cache.stats if cache else None)
     app[access.SLOW_QUERY_MS] = cfg.server.slow_query_ms
     app.on_response_prepare.append(access.add_request_id)
-    app.add_routes(handlers.routes())
+    app.add_routes(handlers.routes(cfg.server.console))
     return app
 
 

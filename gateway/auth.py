@@ -1,12 +1,14 @@
 """Token authentication and route permissions, in the gateway (middleware on the event loop).
 
-With auth.enabled, every route but health needs a token, accepted as `Authorization: Bearer
-<t>`, `Authorization: Token <t>` or `x-api-key: <t>`. No token or an unknown one: 401 with
-`WWW-Authenticate: Bearer`. A read-only token may use only GET routes (metrics, stats, the
-OpenAPI document), not queries: 403. A token limited to some databases passes; the gateway
-hands its databases to the worker with the query, and the worker runs the query in a DuckDB
-instance that holds only those databases and may read only their directories (engine/worker.py,
-engine/sandbox.py), so no SQL text can reach another database: DuckDB never sees it.
+With auth.enabled, every route but health and the console's page and files (they hold no data:
+the page asks for a token and sends it with its API calls) needs a token, accepted as
+`Authorization: Bearer <t>`, `Authorization: Token <t>` or `x-api-key: <t>`. No token or an
+unknown one: 401 with `WWW-Authenticate: Bearer`. A read-only token may use only GET routes
+(metrics, stats, the OpenAPI document), not queries: 403. A token limited to some databases
+passes; the gateway hands its databases to the worker with the query, and the worker runs the
+query in a DuckDB instance that holds only those databases and may read only their directories
+(engine/worker.py, engine/sandbox.py), so no SQL text can reach another database: DuckDB never
+sees it.
 
 TokenStore owns the gateway's copy of the token file (engine/tokens.py). It compares the file's
 (inode, size, mtime) with what it last read on each authenticated request, a single stat(),
@@ -24,12 +26,17 @@ from aiohttp import web
 from engine import log as log_mod, tokens as tokens_mod
 from engine.errors import Kind, QueryError
 from engine.tokens import Token
+from gateway import console
 from gateway.access import FACTS
 
 log = log_mod.get()
 OPEN_PATHS = frozenset({"/health", "/health/live", "/health/ready", "/ready"})
 READ_ONLY_METHODS = frozenset({"GET", "HEAD"})
 SCHEMES = ("bearer", "token")
+
+
+def needs_token(path: str) -> bool:
+    return path not in OPEN_PATHS and path not in console.PATHS
 
 
 class TokenStore:
@@ -74,7 +81,7 @@ def presented_token(request: web.Request) -> str | None:
 def middleware(store: TokenStore):
     @web.middleware
     async def authenticate(request: web.Request, handler):
-        if request.path in OPEN_PATHS:
+        if not needs_token(request.path):
             return await handler(request)
         presented = presented_token(request)
         token = store.lookup(presented) if presented else None

@@ -433,7 +433,8 @@ class Catalog:
                 databases.setdefault(table.database, []).append(
                     tables_mod.describe(self._con, table, self.cfg.time_column))
         return {"databases": [{"name": db, "tables": found} for db, found in databases.items()],
-                "time_column": self.cfg.time_column}
+                "time_column": self.cfg.time_column,
+                "default_database": self.cfg.default_database}
 
     def stats(self) -> dict:
         return {"tables": len(self.tables), "files": len(self.index.files),

@@ -14,7 +14,7 @@ from engine import log as log_mod
 from engine.config import Config, Priority
 from engine.errors import Kind, QueryError
 from engine.formats import FORMATS
-from gateway import openapi, render
+from gateway import console, openapi, render
 from gateway.access import FACTS, METRICS, client_key
 from gateway.connections import Connections
 from gateway.cache import QueryCache
@@ -190,11 +190,13 @@ async def metrics_json(request: web.Request) -> web.Response:
 
 
 async def openapi_json(request: web.Request) -> web.Response:
-    return web.json_response(openapi.document(QueryRequest, request.app[CONFIG].auth.enabled))
+    cfg = request.app[CONFIG]
+    return web.json_response(openapi.document(QueryRequest, cfg.auth.enabled, cfg.server.console))
 
 
-def routes() -> list[web.RouteDef]:
-    return [
+def routes(console_on: bool) -> list[web.RouteDef]:
+    """Every route the gateway serves; the console's (gateway/console/) when server.console."""
+    return [*(console.routes() if console_on else ()),
         web.post("/api/v1/query", query),
         web.post("/api/v1/query/arrow", query_arrow),
         web.get("/health", health),

@@ -2,8 +2,9 @@
 
 Pure: `document()` builds it from the request struct (its JSON schema comes from msgspec, so
 the document and the parser cannot drift apart) and from whether auth is on (then every route
-but health lists the three ways to present a token). tests/test_observability.py checks that
-every route the app serves is described, and runs a bounded property-based test
+but health and the console lists the three ways to present a token) and whether the console is
+on (its page and files are described too). tests/test_observability.py checks that every route
+the app serves is described, and runs a bounded property-based test
 (schemathesis) against a live server: no 5xx, and every response matches this document.
 """
 
@@ -13,7 +14,8 @@ import msgspec
 
 from engine.errors import Kind
 from engine.formats import FORMATS, MEDIA_TYPES
-from gateway.auth import OPEN_PATHS
+from gateway import console
+from gateway.auth import OPEN_PATHS, needs_token
 
 REF = "#/components/schemas/{name}"
 _HEADER = {"schema": {"type": "string"}}
@@ -102,9 +104,11 @@ SCHEMAS = {
         },
     },
     "Catalog": {
-        "type": "object", "required": ["databases", "time_column"],
+        "type": "object", "required": ["databases", "time_column", "default_database"],
         "properties": {
             "time_column": {"type": "string"},
+            "default_database": {"type": "string",
+                                 "description": "the database whose tables need no prefix"},
             "databases": {"type": "array", "items": {
                 "type": "object", "required": ["name", "tables"],
                 "properties": {"name": {"type": "string"}, "tables": {"type": "array", "items": {
@@ -176,7 +180,9 @@ def _query_operation(summary: str, formats: list[str]) -> dict:
     result_headers = {"X-Row-Count": "rows in the result", "X-Execution-Time-Ms": "worker time",
                       "X-Wait-Time-Ms": "time spent waiting for a worker",
                       "X-Cache": "with the cache on: hit, miss, coalesced or bypass",
-                      "Age": "seconds since a cached result was computed"}
+                      "Age": "seconds since a cached result was computed",
+                      "X-Files-Scanned": "Parquet files of Arc tables the query reads",
+                      "X-Files-Pruned": "files of those tables that pruning spared"}
     content = {}
     for fmt in formats:
         media = MEDIA_TYPES[fmt].split(";")[0]
@@ -205,7 +211,17 @@ def _get(summary: str, response: dict) -> dict:
     return {"summary": summary, "responses": {"200": response}}
 
 
-def document(request_struct: type, auth_enabled: bool) -> dict:
+def _console_paths() -> dict:
+    """The console's page and the files it loads (gateway/console/); they need no token."""
+    def served(summary: str, media: str) -> dict:
+        return {"get": _get(summary, {"description": summary, "content": {
+            media.split(";")[0]: {"schema": {"type": "string"}}}})}
+    return {**{path: served("the web console's page", "text/html") for path in console.PAGE_PATHS},
+            **{f"/console/{name}": served(f"the console's {name}", media)
+               for name, media in console.ASSETS.items()}}
+
+
+def document(request_struct: type, auth_enabled: bool, console_on: bool) -> dict:
     _, components = msgspec.json.schema_components([request_struct], ref_template=REF)
     schemas = {**components, **SCHEMAS}
     health = _get("liveness and workers connected", _json(_ref("Health"), "health"))
@@ -247,6 +263,8 @@ def document(request_struct: type, auth_enabled: bool) -> dict:
         "/api/v1/openapi.json": {"get": _get("this document", {
             "description": "OpenAPI 3.1", "content": {"application/json": {"schema": {"type": "object"}}}})},
     }
+    if console_on:
+        paths.update(_console_paths())
     doc = {
         "openapi": "3.1.0",
         "info": {"title": "duckfleet", "version": "1",
@@ -270,7 +288,7 @@ def document(request_struct: type, auth_enabled: bool) -> dict:
             operation["responses"].setdefault("503", _error("too many open connections", RETRY))
             if "requestBody" in operation:
                 operation["responses"]["408"] = _error("the body did not arrive within body_timeout_s")
-            if auth_enabled:
+            if auth_enabled and needs_token(path):
                 operation["security"] = [{"bearer": []}, {"apiKey": []}, {"token": []}]
                 operation["responses"]["401"] = UNAUTHORIZED
     return doc

@@ -112,7 +112,9 @@ def json_tail(execution_ms: float, wait_ms: float) -> bytes:
 async def send_result(request: web.Request, result: Result, fmt: str, send_timeout: float,
                       facts: RequestFacts) -> web.StreamResponse:
     """Write a run's result as the response; what happened goes into facts (access log)."""
-    headers = {"Content-Type": MEDIA_TYPES[fmt], "X-Wait-Time-Ms": f"{result.wait_ms:.3f}"}
+    headers = {"Content-Type": MEDIA_TYPES[fmt], "X-Wait-Time-Ms": f"{result.wait_ms:.3f}",
+               "X-Files-Scanned": str(result.files_scanned),  # known from the plan, before any row
+               "X-Files-Pruned": str(result.files_pruned)}
     if result.cache:
         headers["X-Cache"] = result.cache
     known = result.length is not None
