@@ -76,6 +76,7 @@ def sql_info_values(version: str) -> dict[int, tuple[int, object]]:
         6: (_STRING, ""), 7: (_STRING, ""),
         8: (_BITMASK, 0),            # transactions: none
         9: (_BOOL, False),           # CancelQuery: cancel the call instead
+        10: (_BOOL, False), 11: (_BOOL, False),  # bulk ingestion, and in transactions
         100: (_BITMASK, 0), 101: (_BITMASK, 0),  # handles and transactions never time out
         500: (_BOOL, False), 501: (_BOOL, False), 502: (_BOOL, False),
         503: (_BITMASK, 1),          # identifiers: case-insensitive
