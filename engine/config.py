@@ -163,6 +163,15 @@ class S3Config(_Section):
                 "secret=<redacted>)")
 
 
+class FlightConfig(_Section):
+    """Arrow Flight SQL (gRPC) in the gateway process (gateway/flight/)."""
+    enabled: bool = True
+    host: str = ""  # "" = server.host
+    port: Port = 8815  # 0 = a free port, chosen by the supervisor and logged
+    tls_cert: str = ""  # PEM files; both or neither (plain gRPC)
+    tls_key: str = ""
+
+
 class Config(_Section):
     server: ServerConfig = ServerConfig()
     workers: WorkersConfig = WorkersConfig()
@@ -173,6 +182,7 @@ class Config(_Section):
     auth: AuthConfig = AuthConfig()
     catalog: CatalogConfig = CatalogConfig()
     s3: S3Config = S3Config()
+    flight: FlightConfig = FlightConfig()
 
     @property
     def worker_count(self) -> int:
@@ -220,6 +230,8 @@ def load(path: str | os.PathLike | None, env: dict[str, str] | None = None,
     config = _resolve_paths(config, base)
     if is_remote(config.catalog.data_dir):
         config = _remote_storage(config, os.environ if env is None else env)
+    if bool(config.flight.tls_cert) != bool(config.flight.tls_key):
+        raise ConfigError("flight.tls_cert, flight.tls_key: set both (TLS) or neither (plain gRPC)")
     if config.duckdb.memory_limit != "auto":
         parse_size(config.duckdb.memory_limit, "duckdb.memory_limit")
     if config.server.log_file:
@@ -311,7 +323,9 @@ def _resolve_paths(config: Config, base: Path) -> Config:
     server = msgspec.structs.replace(config.server, unix_socket=resolve(config.server.unix_socket),
                                      runtime_dir=resolve(config.server.runtime_dir))
     auth = msgspec.structs.replace(config.auth, tokens_file=resolve(config.auth.tokens_file))
-    return msgspec.structs.replace(config, catalog=catalog, server=server, auth=auth)
+    flight = msgspec.structs.replace(config.flight, tls_cert=resolve(config.flight.tls_cert),
+                                     tls_key=resolve(config.flight.tls_key))
+    return msgspec.structs.replace(config, catalog=catalog, server=server, auth=auth, flight=flight)
 
 
 def encode(config: Config) -> bytes:

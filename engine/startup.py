@@ -1,9 +1,9 @@
 """What the supervisor does once, before it spawns anything: check the token file, sweep what
-dead fleets left, bind the listening sockets, write the demo data where asked, build the file
-index. Each step raises (ConfigError, OSError, CalledProcessError) rather than start a fleet
-that cannot serve; engine/supervisor.py turns that into a clear `cannot_start` and exit 2.
-The demo data and the index are written by child processes: the supervisor never imports
-DuckDB (it starts threads) and keeps its own memory small.
+dead fleets left, bind the listening sockets (and hold the Flight port), write the demo data
+where asked, build the file index. Each step raises (ConfigError, OSError, CalledProcessError)
+rather than start a fleet that cannot serve; engine/supervisor.py turns that into a clear
+`cannot_start` and exit 2. The demo data and the index are written by child processes: the
+supervisor never imports DuckDB (it starts threads) and keeps its own memory small.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import os
 import pwd
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -49,6 +50,38 @@ def bind_listeners(server: config_mod.ServerConfig) -> list[socket.socket]:
     for listener in listeners:
         listener.set_inheritable(True)
     return listeners
+
+
+def reserve_flight_port(cfg: config_mod.Config) -> socket.socket | None:
+    """Hold [flight]'s port for the gateway's gRPC server (port 0: a free one, which the
+    gateway is told on its command line).
+
+    gRPC (as pyarrow builds it) binds its own socket and cannot adopt a listening one, and it
+    binds with SO_REUSEADDR but without SO_REUSEPORT. So the supervisor binds the address with
+    SO_REUSEADDR and never listens on it: gRPC can bind beside it (Linux allows that while
+    neither listens), anything binding without SO_REUSEADDR is refused, and while gRPC listens
+    no one else can bind at all. A replaced gateway binds the same port again. Between a
+    gateway's death and its replacement's start, Flight connections are refused (HTTP's are
+    queued: the supervisor listens for it)."""
+    flight = cfg.flight
+    if not flight.enabled:
+        return None
+    if flight.tls_cert:  # checked here: a gateway that cannot load them would die at every start
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(flight.tls_cert, flight.tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            raise config_mod.ConfigError(f"flight.tls_cert, flight.tls_key: {exc}") from None
+    host = flight.host or cfg.server.host
+    family, kind, proto, _, address = socket.getaddrinfo(host, flight.port,
+                                                         type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise config_mod.ConfigError(f"flight.port: cannot bind {host}:{flight.port}: {exc}") from None
+    return sock
 
 
 def sweep_dead_runtime_dirs(base: Path) -> None:

@@ -50,7 +50,7 @@ from engine import config as config_mod, log as log_mod, memory, reconcile, shm
 from engine.children import Child, close_status, read_status, signal_child, spawn, watch_status
 from engine.process import BOOT_FAILED, OVER_MEMORY, raise_fd_limit
 from engine.startup import (RUNTIME_PREFIX, bind_listeners, build_index, check_tokens_file,
-                            ensure_demo_data, sweep_dead_runtime_dirs)
+                            ensure_demo_data, reserve_flight_port, sweep_dead_runtime_dirs)
 from engine.stopping import Stop
 
 STABLE_S = 10.0  # a worker that lived this long resets its slot's crash count
@@ -58,7 +58,7 @@ WATCH_S = 0.25  # the longest a turn waits for an event: deadlines are checked t
 UNIX_PATH_MAX = 108  # sun_path, including its terminating NUL
 SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
            signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1)
-RESTART_SECTIONS = ("server", "queue", "results", "auth", "query_cache")  # not reloaded
+RESTART_SECTIONS = ("server", "queue", "results", "auth", "query_cache", "flight")  # not reloaded
 log = log_mod.get()
 
 
@@ -87,6 +87,7 @@ class Supervisor:
         self.runtime: Path | None = None
         self.listeners: list[socket.socket] = []
         self.stop = Stop(self)
+        self.flight_socket: socket.socket | None = None  # holds [flight]'s port (engine/startup.py)
         self.exit_code = 0
         self._events: asyncio.Queue[int | None] = asyncio.Queue()  # a signal, or None: look again
         self._gateway_events = -1  # write end of the gateway's pipe of worker exits
@@ -104,6 +105,7 @@ class Supervisor:
         if self.cfg.auth.enabled:
             check_tokens_file(self.cfg.auth.tokens_file)
         shm.sweep_dead_fleets()
+        self.flight_socket = reserve_flight_port(self.cfg)
         base = Path(self.cfg.server.runtime_dir or os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir())
         sweep_dead_runtime_dirs(base)
         self.runtime = Path(tempfile.mkdtemp(prefix=f"{RUNTIME_PREFIX}{self.pid}-", dir=base))
@@ -119,6 +121,7 @@ class Supervisor:
         self.listeners = bind_listeners(self.cfg.server)
         host, port = self.listeners[0].getsockname()[:2]
         log.info("listening", host=host, port=port, unix_socket=self.cfg.server.unix_socket or None,
+                 flight_port=self.flight_socket.getsockname()[1] if self.flight_socket else None,
                  runtime_dir=str(self.runtime), workers=self.plan.count,
                  fd_limit=fd_soft or None, fd_hard_limit=fd_hard or None,
                  memory_limit_bytes=self.plan.memory_limit, memory_plan=plan.describe())
@@ -232,6 +235,8 @@ class Supervisor:
                 "--supervisor-pid", str(self.pid), "--events-fd", str(read_end)]
         for fd in fds:
             args += ["--listen-fd", str(fd)]
+        if self.flight_socket is not None:
+            args += ["--flight-port", str(self.flight_socket.getsockname()[1])]
         try:
             self._add(spawn("gateway", 0, args, pass_fds=[*fds, read_end]))
         finally:
@@ -426,6 +431,8 @@ class Supervisor:
         """After the stop: nothing of this fleet is left on the machine."""
         for listener in self.listeners:
             listener.close()
+        if self.flight_socket is not None:
+            self.flight_socket.close()
         if self.cfg.server.unix_socket:
             Path(self.cfg.server.unix_socket).unlink(missing_ok=True)
         shm.sweep(shm.fleet_prefix(self.pid))
@@ -451,6 +458,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, dict]:
     parser.add_argument("--port", type=int)
     parser.add_argument("--workers", type=int, help="worker processes (default: one per core)")
     parser.add_argument("--data-dir", help="catalog data directory (must exist), or s3://bucket/prefix")
+    parser.add_argument("--flight-port", type=int, help="Arrow Flight SQL port (0: any free one)")
     parser.add_argument("--demo", action="store_true",
                         help="write the demo dataset into the data directory if it holds none")
     args = parser.parse_args(argv)
@@ -462,6 +470,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, dict]:
                        "with the demo dataset)\n")
     for section, key, value in (("server", "host", args.host), ("server", "port", args.port),
                                 ("workers", "count", args.workers),
+                                ("flight", "port", args.flight_port),
                                 ("catalog", "data_dir", data_dir)):
         if value is not None:
             overrides.setdefault(section, {})[key] = value

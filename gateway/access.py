@@ -109,14 +109,22 @@ async def add_request_id(request: web.Request, response: web.StreamResponse) -> 
 
 
 def _record(request: web.Request, facts: RequestFacts, status: int, sent: int) -> None:
-    duration_ms = (time.perf_counter() - facts.started) * 1000
     resource = request.match_info.route.resource
     route = resource.canonical if resource is not None else "unmatched"
-    metrics = request.app[METRICS]
+    record(request.app[METRICS], request.app[SLOW_QUERY_MS], facts, route, status, sent,
+           request.method, request.path, request.remote)
+
+
+def record(metrics: Metrics, slow_query_ms: float, facts: RequestFacts, route: str, status: int,
+           sent: int, method: str, path: str, client: str | None) -> None:
+    """One request's access line, metrics sample and, if slow, slow_query line. HTTP's come
+    from `observe`; another front end (Flight SQL) calls this itself, with the HTTP status
+    its outcome would have had."""
+    duration_ms = (time.perf_counter() - facts.started) * 1000
     metrics.observe_request(route, status, sent)
     token = facts.token.name if facts.token else None
-    fields = {"request_id": facts.request_id, "method": request.method, "path": request.path,
-              "status": status, "token": token, "client": request.remote, "bytes": sent,
+    fields = {"request_id": facts.request_id, "method": method, "path": path,
+              "status": status, "token": token, "client": client, "bytes": sent,
               "duration_ms": round(duration_ms, 3)}
     if facts.error_type:
         fields["error_type"] = facts.error_type
@@ -132,12 +140,12 @@ def _record(request: web.Request, facts: RequestFacts, status: int, sent: int) -
         if facts.cache:
             fields["cache"] = facts.cache
     log.info("access", **fields)
-    if facts.sql is not None and duration_ms >= request.app[SLOW_QUERY_MS]:
+    if facts.sql is not None and duration_ms >= slow_query_ms:
         log.warning("slow_query", request_id=facts.request_id, token=token, status=status,
                     duration_ms=round(duration_ms, 3), wait_ms=_ms(facts.wait_ms),
                     execution_ms=_ms(facts.execution_ms), rows=facts.rows,
                     files_scanned=facts.files_scanned, files_pruned=facts.files_pruned,
-                    threshold_ms=request.app[SLOW_QUERY_MS], sql=facts.sql[:SQL_LOGGED])
+                    threshold_ms=slow_query_ms, sql=facts.sql[:SQL_LOGGED])
 
 
 def _ms(value: float | None) -> float | None:

@@ -1,8 +1,9 @@
 """The gateway process: aiohttp on uvloop, started by the supervisor (`python -m gateway.app`).
 
 It serves HTTP on listening sockets the supervisor owns and passes down (so a gateway restart
-never closes them), and accepts worker connections on <runtime>/workers.sock. It owns every
-shared-memory segment (engine/shm.py). Signals, from the supervisor (engine/stopping.py):
+never closes them), Arrow Flight SQL (gateway/flight/, gRPC threads) on the port the supervisor
+holds for it, and accepts worker connections on <runtime>/workers.sock. It owns every
+shared-memory segment (gateway/segments.py). Signals, from the supervisor (engine/stopping.py):
 SIGUSR2 drain (readiness answers 503, the rest is served as before); SIGTERM graceful stop:
 stop accepting, let in-flight requests finish within shutdown_grace_s, answer what is left
 503 (gateway/lifecycle.py), unlink all segments, exit; SIGQUIT quick stop: the same without
@@ -33,6 +34,8 @@ from gateway import access, auth, connections as connections_mod, handlers, rate
 from gateway.cache import QueryCache
 from gateway.catalog import Catalog
 from gateway.fleet import Fleet
+from gateway.flight import server as flight_server
+from gateway.flight.service import FlightService
 from gateway.lifecycle import LIFECYCLE, Lifecycle
 from gateway.metrics import Metrics
 from gateway.segments import SegmentPool
@@ -130,7 +133,7 @@ def read_worker_exits(loop: asyncio.AbstractEventLoop, fd: int, fleet: Fleet) ->
 
 
 async def serve(runtime: Path, supervisor_pid: int, listen_fds: list[int],
-                events_fd: int = -1) -> None:
+                events_fd: int = -1, flight_port: int | None = None) -> None:
     cfg = config_mod.decode((runtime / "config.json").read_bytes())
     log = log_mod.setup("gateway", cfg.server.log_level, cfg.server.log_file, libraries=("aiohttp",))
     logging.getLogger("aiohttp.server").addFilter(access.BadHttpFilter())
@@ -161,8 +164,8 @@ async def serve(runtime: Path, supervisor_pid: int, listen_fds: list[int],
     # aiohttp's own shutdown timeout comes after ours (stop() below): it never cuts first.
     connections = make_connections(cfg, segments.limit)
     lifecycle = Lifecycle()
-    runner = web.AppRunner(make_app(fleet, cfg, catalog, cache, connections, lifecycle),
-                           handle_signals=False, access_log=None,
+    app = make_app(fleet, cfg, catalog, cache, connections, lifecycle)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None,
                            shutdown_timeout=cfg.server.shutdown_grace_s + CUT_MARGIN_S,
                            handler_cancellation=True,
                            keepalive_timeout=cfg.server.keepalive_timeout_s)
@@ -172,6 +175,12 @@ async def serve(runtime: Path, supervisor_pid: int, listen_fds: list[int],
         await connections_mod.GuardedSite(runner, sock, connections, backlog=1024).start()
     stopping, quick = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
+    flight = None
+    if flight_port is not None:  # the port the supervisor holds (engine/startup.py)
+        service = FlightService(app[handlers.RUNNER], catalog, cfg.queue.default_priority, loop,
+                                app[access.METRICS], cfg.server.slow_query_ms)
+        flight = flight_server.start(cfg, flight_port, service, loop)
+        log.info("flight_listening", port=flight.port, tls=bool(cfg.flight.tls_cert))
     if events_fd >= 0:
         read_worker_exits(loop, events_fd, fleet)
     loop.add_signal_handler(signal.SIGTERM, stopping.set)
@@ -192,7 +201,10 @@ async def serve(runtime: Path, supervisor_pid: int, listen_fds: list[int],
     loop.add_signal_handler(signal.SIGHUP, reload)
     log.info("ready", process="gateway", listen_fds=listen_fds, auth=cfg.auth.enabled)
     await stopping.wait()
-    await stop(runner, lifecycle, quick, cfg.server.shutdown_grace_s)
+    closing = [stop(runner, lifecycle, quick, cfg.server.shutdown_grace_s)]
+    if flight is not None:  # off the loop: its calls in flight need the loop to finish
+        closing.append(loop.run_in_executor(None, flight.close))
+    await asyncio.gather(*closing)
     worker_server.close()
     if cache is not None:
         cache.close()  # before the pool: its segments go back to it
@@ -224,6 +236,7 @@ def main(argv=None) -> int:
     parser.add_argument("--supervisor-pid", type=int, required=True)
     parser.add_argument("--listen-fd", type=int, action="append", default=[])
     parser.add_argument("--events-fd", type=int, default=-1)
+    parser.add_argument("--flight-port", type=int, help="serve Flight SQL on this port")
     args = parser.parse_args(argv)
     die_with_parent(args.supervisor_pid, signal.SIGTERM)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until serve() handles it: a reload, not a stop
@@ -235,7 +248,8 @@ def main(argv=None) -> int:
     # few thousand levels of JSON): room for that in recursion and in every thread's stack.
     sys.setrecursionlimit(max(sys.getrecursionlimit(), 20_000))
     threading.stack_size(64 * 2**20)
-    uvloop.run(serve(Path(args.runtime_dir), args.supervisor_pid, args.listen_fd, args.events_fd))
+    uvloop.run(serve(Path(args.runtime_dir), args.supervisor_pid, args.listen_fd, args.events_fd,
+                     args.flight_port))
     return 0
 
 

@@ -63,12 +63,14 @@ class Server:
         self.config_path.write_text(config)
         self.data_dir = data_dir
         self.workers = workers
+        # Flight on a free port (the default, 8815, would collide between fleets)
         self.env = {**os.environ, "DUCKFLEET_SERVER_RUNTIME_DIR": str(self.runtime_base),
-                    **(env or {})}
+                    "DUCKFLEET_FLIGHT_PORT": "0", **(env or {})}
         self.args = args or []
         self.process: subprocess.Popen | None = None
         self.host = "127.0.0.1"
         self.port = 0
+        self.flight_port: int | None = None
         self.descendants: set[int] = set()
 
     # --- lifecycle ---
@@ -83,6 +85,7 @@ class Server:
         listening = wait_for(lambda: self.event("listening") or self._exited(), 60, what="listening")
         if isinstance(listening, dict):
             self.port = listening["port"]
+            self.flight_port = listening.get("flight_port")
             self.runtime_dir = Path(listening["runtime_dir"])
         if wait_ready:
             self.wait_ready()

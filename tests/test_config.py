@@ -1,5 +1,6 @@
 """Configuration: file, then environment, then flags; bad input named by key, before spawning."""
 
+import socket
 import subprocess
 import sys
 
@@ -57,6 +58,8 @@ def test_config_round_trips_to_children(tmp_path):
     ("[server]\nrate_limit_burst = 0\n", "server.rate_limit_burst"),
     ("[server]\nslow_query_ms = -5\n", "server.slow_query_ms"),
     ("[auth]\nenabled = 'maybe'\n", "auth.enabled"),
+    ("[flight]\nport = 70000\n", "flight.port"),
+    ("[flight]\ntls_cert = 'cert.pem'\n", "flight.tls_key"),
 ])
 def test_bad_values_name_the_key(tmp_path, text, key):
     with pytest.raises(ConfigError) as err:
@@ -115,3 +118,35 @@ def test_bad_object_storage_endpoint(tmp_path):
     path = write(tmp_path, '[catalog]\ndata_dir = "s3://arc/x"\n[s3]\nendpoint = "h:1/path"\n')
     with pytest.raises(ConfigError, match="s3.endpoint"):
         config.load(path, env={})
+
+
+def test_flight_port_from_flag_and_environment(tmp_path):
+    from engine.supervisor import parse_args
+
+    _, overrides = parse_args(["--flight-port", "0"])
+    assert config.load(None, env={}, overrides=overrides).flight.port == 0
+    assert config.load(None, env={"DUCKFLEET_FLIGHT_PORT": "9815"}).flight.port == 9815
+    assert config.load(None, env={}).flight.port == 8815
+
+
+def test_supervisor_refuses_flight_tls_files_it_cannot_load(tmp_path):
+    (tmp_path / "cert.pem").write_text("not a certificate")
+    (tmp_path / "key.pem").write_text("not a key")
+    proc = subprocess.run([sys.executable, "-m", "engine.supervisor", "--config",
+                           str(write(tmp_path, "[flight]\ntls_cert = 'cert.pem'\n"
+                                               "tls_key = 'key.pem'\n")),
+                           "--port", "0", "--flight-port", "0"],
+                          cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2
+    assert "flight.tls_cert" in proc.stderr and "spawned" not in proc.stderr
+
+
+def test_supervisor_refuses_a_flight_port_in_use(tmp_path):
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        proc = subprocess.run([sys.executable, "-m", "engine.supervisor", "--config",
+                               str(write(tmp_path, "")), "--port", "0", "--flight-port", str(port)],
+                              cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2
+    assert "flight.port" in proc.stderr and "cannot_start" in proc.stderr
+    assert "spawned" not in proc.stderr

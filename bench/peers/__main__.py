@@ -81,9 +81,12 @@ def demo_peers(tmp: Path, data: Path, cores: int, workers: int, double_fleets: b
         return Spec(name, lambda: servers.duckfleet(name, tmp, data, n, CACHE_CONFIG if cache else ""),
                     large=large)
 
-    fleets = [fleet(workers, False, large=True), fleet(workers, True)]
+    flight = f"duckfleet-w{workers}-flight"
+    fleets = [fleet(workers, False, large=True),
+              Spec(flight, lambda: servers.duckfleet_flight(flight, tmp, data, workers)),
+              fleet(workers, True)]
     if double_fleets:
-        fleets[1:1] = [fleet(2 * workers, False)]
+        fleets[2:2] = [fleet(2 * workers, False)]
         fleets.append(fleet(2 * workers, True))
     return [
         *fleets,

@@ -133,6 +133,15 @@ def targets(out: dict) -> list[dict]:
     check("10M-row Arrow: duckfleet <= 1.2 x in-process (1 thread, as a worker)", d10 and i10,
           lambda: (d10, 1.2 * i10, d10 <= 1.2 * i10), "seconds")
     check("10M-row Arrow: duckfleet faster than Quack", d10 and q10, lambda: (d10, q10, d10 < q10), "seconds")
+    flight = f"{fleet}-flight"
+    fl10 = large.get(flight, {}).get("arrow_10000000", {}).get("seconds")
+    check("10M-row Arrow through Flight SQL (ADBC fetch_arrow_table) <= 1.3 x in-process "
+          "(1 thread)", fl10 and i10, lambda: (fl10, 1.3 * i10, fl10 <= 1.3 * i10), "seconds")
+    check("10M-row Arrow through Flight SQL no slower than the HTTP Arrow endpoint",
+          fl10 and d10, lambda: (fl10, d10, fl10 <= d10), "seconds")
+    fl32 = _c32(out, flight)
+    check("dashboard c=32, cache off: Flight SQL (ADBC) QPS >= HTTP QPS", fl32 and f32,
+          lambda: (fl32["qps"], f32["qps"], fl32["qps"] >= f32["qps"]), "QPS")
     peers = out.get("tpch", {}).get("peers", {})
     tf, ti = peers.get(fleet), peers.get("in-process-1thread")
     sf = out.get("tpch", {}).get("scale_factor") or out["plan"]["tpch_sf"]

@@ -5,9 +5,10 @@ run in their own session with PR_SET_PDEATHSIG (they die with this process even 
 are stopped with SIGTERM to the whole process group, then SIGKILL. Listening ports are free
 loopback ports; nothing binds outside 127.0.0.1.
 
-A Peer is either "http" (duckfleet, the Arc-style tier: POST /api/v1/query[/arrow]) or
-"duckdb" (in-process DuckDB, Quack through a client DuckDB): `sql_for(query)` then wraps the
-query as that client runs it.
+A Peer is "http" (duckfleet, the Arc-style tier: POST /api/v1/query[/arrow]), "duckdb"
+(in-process DuckDB, Quack through a client DuckDB: `sql_for(query)` then wraps the query as
+that client runs it) or "flight" (duckfleet's Arrow Flight SQL, through the ADBC driver: each
+cursor is a connection of its own, as each dashboard client would have).
 """
 
 from __future__ import annotations
@@ -39,10 +40,12 @@ LOOPBACK = "127.0.0.1"
 @dataclass
 class Peer:
     name: str
-    kind: str  # "http" or "duckdb"
+    kind: str  # "http", "duckdb" or "flight"
     port: int = 0
+    flight_port: int = 0  # duckfleet's Arrow Flight SQL port
     pids: list[int] = field(default_factory=list)  # roots of the process trees to sample
-    con: duckdb.DuckDBPyConnection | None = None  # "duckdb" peers: the client connection
+    con: duckdb.DuckDBPyConnection | None = None  # "duckdb" peers: the client connection;
+    #                                               "flight" peers: FlightClients
     sql_for: Callable[[str], str] = lambda sql: sql
     cursor_setup: list[str] = field(default_factory=list)  # run on each client's new cursor
     notes: str = ""
@@ -113,7 +116,8 @@ def duckfleet(name: str, tmp: Path, data_dir: Path, workers: int, config: str = 
     try:
         server.start(wait_ready=False)
         server.wait_ready(timeout=boot_timeout)
-        yield Peer(name, "http", port=server.port, pids=[server.process.pid])
+        yield Peer(name, "http", port=server.port, pids=[server.process.pid],
+                   flight_port=server.flight_port or 0)
     finally:
         if server.process is not None:
             try:
@@ -121,6 +125,52 @@ def duckfleet(name: str, tmp: Path, data_dir: Path, workers: int, config: str = 
             except subprocess.TimeoutExpired:
                 _stop_group(server.process, grace=0)
         shutil.rmtree(server.runtime_base, ignore_errors=True)
+
+
+class FlightCursor:
+    """An ADBC Flight SQL connection and its cursor, used as the load generator uses a DuckDB
+    cursor: execute(sql).fetchall()."""
+
+    def __init__(self, uri: str):
+        import adbc_driver_flightsql.dbapi as flight_sql  # noqa: PLC0415 (the bench extra's)
+
+        self._con = flight_sql.connect(uri, autocommit=True)
+        self._cursor = self._con.cursor()
+
+    def execute(self, sql: str) -> "FlightCursor":
+        self._cursor.execute(sql)
+        return self
+
+    def fetchall(self) -> list:
+        return self._cursor.fetchall()
+
+    @property
+    def description(self):
+        return self._cursor.description
+
+    def fetch_arrow_table(self):
+        return self._cursor.fetch_arrow_table()
+
+    def close(self) -> None:
+        self._cursor.close()
+        self._con.close()
+
+
+@dataclass
+class FlightClients:
+    uri: str
+
+    def cursor(self) -> FlightCursor:
+        return FlightCursor(self.uri)
+
+
+@contextlib.contextmanager
+def duckfleet_flight(name: str, tmp: Path, data_dir: Path, workers: int, config: str = ""):
+    """duckfleet, spoken to through Arrow Flight SQL (ADBC) instead of HTTP."""
+    with duckfleet(name, tmp, data_dir, workers, config) as peer:
+        yield Peer(name, "flight", port=peer.port, pids=peer.pids,
+                   con=FlightClients(f"grpc://{LOOPBACK}:{peer.flight_port}"),
+                   notes="Arrow Flight SQL through adbc-driver-flightsql, a connection a client")
 
 
 # --- Arc-style tier: Gunicorn + Uvicorn workers + FastAPI + DuckDB pools ---

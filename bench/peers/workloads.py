@@ -100,6 +100,12 @@ def _fetch(peer: Peer, fmt: str, sql: str, rows: int) -> None:
         # (that would time the client's parser, not the server).
         found = re.search(rb'"row_count":\s*(\d+)', body[-512:])
         got = int(found.group(1)) if found else -1
+    elif peer.kind == "flight":  # ADBC's fetch_arrow_table: the whole result as a pyarrow Table
+        cursor = peer.cursor()
+        try:
+            got = cursor.execute(sql).fetch_arrow_table().num_rows
+        finally:
+            cursor.close()
     else:
         got = peer.cursor().sql(peer.sql_for(sql)).arrow().read_all().num_rows
     if got != rows:
