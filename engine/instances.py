@@ -16,6 +16,7 @@ from pathlib import Path
 import duckdb
 
 from engine import catalog, config as config_mod, index, log as log_mod, objectstore, sandbox
+from engine.sqltree import scalar
 
 log = log_mod.get()
 MAX_EXPRESSION_DEPTH = 300
@@ -145,7 +146,7 @@ class Instances:
 
 
 def read_settings(con: duckdb.DuckDBPyConnection, names) -> dict[str, str]:
-    return {name: str(con.execute("SELECT current_setting(?)", [name]).fetchone()[0])
+    return {name: str(scalar(con, "SELECT current_setting(?)", [name]))
             for name in names}
 
 
@@ -153,7 +154,7 @@ def verify_settings(con: duckdb.DuckDBPyConnection, expected: dict) -> dict[str,
     actual = read_settings(con, expected)
     for name, want in expected.items():
         if isinstance(want, int):  # a size: DuckDB prints it as format_bytes does ("1.9 GiB")
-            want = con.execute("SELECT format_bytes(?::BIGINT)", [want]).fetchone()[0]
+            want = scalar(con, "SELECT format_bytes(?::BIGINT)", [want])
         if actual[name] != want:
             raise RuntimeError(f"setting {name} reads back as {actual[name]!r}, expected {want!r}")
     return actual

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import duckdb
 
+from engine.sqltree import scalar
+
 LOCKED = {
     "enable_external_access": "false",
     "autoinstall_known_extensions": "false",
@@ -61,14 +63,14 @@ def verify(con: duckdb.DuckDBPyConnection, directories: list[str],
            attached: list[str]) -> dict[str, str]:
     """Read the sandbox back; raise SandboxError unless it is exactly what apply() set."""
     for name, want in LOCKED.items():
-        got = str(con.execute("SELECT current_setting(?)", [name]).fetchone()[0]).lower()
+        got = str(scalar(con, "SELECT current_setting(?)", [name])).lower()
         if got != want:
             raise SandboxError(f"setting {name} reads back as {got!r}, expected {want!r}")
-    allowed = con.execute("SELECT current_setting('allowed_directories')").fetchone()[0]
+    allowed = scalar(con, "SELECT current_setting('allowed_directories')")
     if sorted(allowed) != sorted(as_directory(d) for d in directories):
         raise SandboxError(f"allowed_directories reads back as {allowed}, "
                            f"expected {sorted(as_directory(d) for d in directories)}")
-    for path in con.execute("SELECT current_setting('allowed_paths')").fetchone()[0]:
+    for path in scalar(con, "SELECT current_setting('allowed_paths')"):
         if not any(path == db or path.startswith(db + ".") for db in attached):
             raise SandboxError(f"allowed_paths holds {path!r}, which is no attached database")
     writable = con.execute("SELECT database_name FROM duckdb_databases() WHERE NOT readonly "

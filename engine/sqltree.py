@@ -2,6 +2,10 @@
 the socket: the gateway's analysis (gateway/sqlkey.py, pruning) and the worker's statement
 policy (engine/policy.py). Runs on the caller's DuckDB connection and thread.
 
+`scalar` runs a one-value query and drains its result: a result left open on a connection makes
+DuckDB abort the transaction of the next relation that fails (`con.sql`), and the worker's next
+query then fails with "Current transaction is aborted".
+
 `fill` completes a planned statement (gateway/catalog.py): the plan's text holds markers,
 string constants that each request replaces by its own values (the files a table reference
 reads, the request's instant), always as quoted string constants, so the statement's calls are
@@ -22,8 +26,12 @@ import msgspec
 from engine.errors import Kind, QueryError
 
 
+def scalar(con: duckdb.DuckDBPyConnection, sql: str, params: list | None = None):
+    return con.execute(sql, params or []).fetchall()[0][0]
+
+
 def parse_tree(con: duckdb.DuckDBPyConnection, sql: str, max_bytes: int = 0) -> dict:
-    text = con.execute("SELECT json_serialize_sql($1)", [sql]).fetchone()[0]
+    text = scalar(con, "SELECT json_serialize_sql($1)", [sql])
     if max_bytes and len(text) > max_bytes:
         raise QueryError(Kind.TOO_LARGE, f"the statement is too large to check: its syntax tree "
                                          f"is over {max_bytes // 2**20} MiB")

@@ -56,7 +56,7 @@ from engine.progress import ProgressReporter
 from engine.process import BOOT_FAILED, OVER_MEMORY, die_with_parent, malloc_trim
 from engine.redact import Redactor, first_line
 from engine.shm import ChunkWriter
-from engine.sqltree import fill
+from engine.sqltree import fill, scalar
 
 log = log_mod.get()
 
@@ -226,8 +226,8 @@ class Worker:
         self.check_limits(current_rss())
 
     def report_memory(self) -> None:
-        memory = self.instances.full.execute("SELECT coalesce(sum(memory_usage_bytes), 0)::BIGINT "
-                                  "FROM duckdb_memory()").fetchone()[0]
+        memory = scalar(self.instances.full,
+                        "SELECT coalesce(sum(memory_usage_bytes), 0)::BIGINT FROM duckdb_memory()")
         self.send(protocol.Status(current_rss(), memory, self.queries, self.connections))
 
     def after_query(self, rows: int) -> None:

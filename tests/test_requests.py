@@ -65,6 +65,20 @@ def test_sql_errors_carry_duckdb_message(server):
     error_of(server.query("SELECT 1/0::INTEGER AS x, 'a'::INTEGER"), 400, "sql_error")
 
 
+def test_a_failed_query_leaves_its_worker_clean(make_server, demo_dir):
+    """The same failing statements many times in a row on one worker, with idle ticks between:
+    each fails for its own reason, never with an aborted transaction left by the one before
+    (DuckDB aborts the next failing relation's transaction while a result is open)."""
+    srv = make_server(workers=1, config="[workers]\nheartbeat_s = 0.05\n").start()
+    failing = [(f"SELECT * FROM read_parquet('{demo_dir}/default/nope/*.parquet')", "file_missing"),
+               ("SELECT nope FROM cpu", "sql_error"), ("SELECT 'a'::INTEGER", "sql_error")]
+    for _ in range(3):
+        for sql, kind in failing:
+            error = error_of(srv.query(sql), 400, kind)
+            assert "transaction" not in error.lower(), error
+        assert srv.query("SELECT 1 AS x").json()["data"] == [[1]]
+
+
 def test_body_over_limit(server):
     big = b'{"sql": "SELECT 1 -- ' + b"x" * (1024 * 1024 + 10) + b'"}'
     error_of(server.request("POST", "/api/v1/query", big), 413, "too_large")
