@@ -31,7 +31,7 @@ import duckdb
 from bench.common import demo_server, fetch_arrow, percentile, timed, write_report
 from engine.shm import SHM_DIR, ChunkWriter
 from gateway.segments import Segment
-from tests.harness import Server
+from harness.server import Server
 
 TEN_MILLION = "SELECT i, i * 2 AS j, i % 7 AS k FROM range(10000000) t(i)"
 DASHBOARD = ("SELECT host, avg(usage_user) AS usage FROM cpu WHERE time >= '2025-11-03' "

@@ -37,9 +37,9 @@ from bench.peers.dashboard import DashboardMix
 from bench.peers.loadgen import Reply, closed_loop, post
 from bench.peers.servers import Peer
 from engine.demo import write_demo
-from tests.cluster import ClusterProcess
-from tests.harness import Server, assert_no_leaks
-from tests.s3server import S3Server
+from harness.cluster import ClusterProcess
+from harness.server import Server, assert_no_leaks
+from harness.s3server import S3Server
 
 CACHE_ON = "[query_cache]\nenabled = true\nttl_seconds = 60\n"
 

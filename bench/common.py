@@ -14,7 +14,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from engine.demo import write_demo
-from tests.harness import Server
+from harness.server import Server
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

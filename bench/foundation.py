@@ -28,7 +28,7 @@ import aiohttp
 import duckdb
 
 from bench.common import demo_server, fetch_arrow, percentile, timed, write_report
-from tests.harness import Server
+from harness.server import Server
 
 LARGE = {n: f"SELECT i, i * 2 AS j, i % 7 AS k FROM range({n}) t(i)" for n in (1_000_000, 10_000_000)}
 SMALL = {

@@ -57,7 +57,7 @@ from bench.peers.datasets import demo_views, tpch_dataset, tpch_views
 from bench.peers.loadgen import Reply, closed_loop
 from bench.peers.servers import LOOPBACK, Peer
 from engine.demo import MEASUREMENTS, write_history
-from tests.harness import Server
+from harness.server import Server
 
 WEEK = 168
 SAMPLE_EVERY = 10  # check every 10th request of each client, and each panel's first

@@ -29,7 +29,7 @@ import threading
 import time
 
 from bench.common import demo_server, percentile, write_report
-from tests.harness import wait_for
+from harness.server import wait_for
 
 SMALL = ("SELECT host, avg(usage_user) AS u, max(usage_system) AS s FROM cpu "
          "WHERE time >= TIMESTAMP '2025-11-0{d}' AND time < TIMESTAMP '2025-11-0{d}' + INTERVAL 3 HOUR "

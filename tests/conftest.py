@@ -3,7 +3,7 @@ import signal
 import pytest
 
 from engine.demo import write_demo
-from tests.harness import Server, assert_no_leaks
+from harness.server import Server, assert_no_leaks
 
 
 @pytest.fixture(scope="session")

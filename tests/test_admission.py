@@ -10,7 +10,7 @@ import duckdb
 import pyarrow as pa
 import pytest
 
-from tests.harness import http_post, http_post_closing, raw_socket_request, wait_for
+from harness.server import http_post, http_post_closing, raw_socket_request, wait_for
 
 SLOW_SQL = "SELECT sum(i) AS s FROM range(500000000) t(i)"  # about 1 s on one thread
 ENDLESS_SQL = "SELECT sum(i) AS s FROM range(1000000000000) t(i)"

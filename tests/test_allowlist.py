@@ -10,7 +10,7 @@ import duckdb
 import pytest
 
 from engine import allowlist
-from tests.harness import Server, assert_no_leaks, write_small_dataset
+from harness.server import Server, assert_no_leaks, write_small_dataset
 
 # Functions DuckDB marks as having side effects that are allowed: their effect is the answer.
 SIDE_EFFECTS_OK = {"random", "uuid", "gen_random_uuid", "uuidv4", "uuidv7", "error", "stats",

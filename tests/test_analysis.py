@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 from engine.demo import write_history
-from tests.harness import Server, assert_no_leaks
+from harness.server import Server, assert_no_leaks
 
 CACHE_ON = "[query_cache]\nenabled = true\n"
 

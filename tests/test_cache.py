@@ -11,7 +11,7 @@ import pyarrow as pa
 import pytest
 
 from engine import tokens
-from tests.harness import (Server, assert_no_leaks, fleet_segments, http_post,
+from harness.server import (Server, assert_no_leaks, fleet_segments, http_post,
                            http_post_closing, server_has_read, wait_for, write_small_dataset)
 
 CACHE_ON = "[query_cache]\nenabled = true\n"

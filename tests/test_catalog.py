@@ -9,7 +9,7 @@ import pytest
 from engine import catalog, config as config_mod, instances, policy, sandbox
 from engine.demo import write_history
 from engine.errors import QueryError
-from tests.harness import Server, assert_no_leaks, wait_for, write_small_dataset
+from harness.server import Server, assert_no_leaks, wait_for, write_small_dataset
 
 READ_ONLY_REFUSAL = 'which is attached in read-only mode'
 

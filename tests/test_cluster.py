@@ -19,8 +19,8 @@ from datetime import timedelta
 import pytest
 
 from bench.peers.dashboard import NOW0, PANELS, WINDOWS, panel_sql
-from tests.cluster import ClusterProcess, Load, expected_answers
-from tests.harness import REPO, wait_for
+from harness.cluster import ClusterProcess, Load, expected_answers
+from harness.server import REPO, wait_for
 
 pytestmark = pytest.mark.slow
 CLIENTS = 16

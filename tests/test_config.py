@@ -8,7 +8,7 @@ import pytest
 
 from engine import config
 from engine.config import ConfigError
-from tests.harness import REPO
+from harness.server import REPO
 
 
 def write(tmp_path, text):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import wait_for, write_small_dataset
+from harness.server import wait_for, write_small_dataset
 
 TIMEOUTS = "[server]\nkeepalive_timeout_s = 3\nheader_timeout_s = 1\nbody_timeout_s = 1\n"
 

@@ -25,7 +25,7 @@ import pytest
 
 from engine import tokens
 from gateway import console
-from tests.harness import REPO, Server, assert_no_leaks, wait_for
+from harness.server import REPO, Server, assert_no_leaks, wait_for
 
 REQUIRE_BROWSER = os.environ.get("REQUIRE_BROWSER_TESTS") == "1"
 WRITE_DOCS = os.environ.get("CONSOLE_DOCS_SCREENSHOTS") == "1"

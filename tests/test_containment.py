@@ -13,7 +13,7 @@ import threading
 import psutil
 
 from engine.redact import Redactor
-from tests.harness import wait_for, write_small_dataset
+from harness.server import wait_for, write_small_dataset
 
 # A view the operator configured that breaks the connection it runs on (DuckDB 1.5.5: every
 # later query on it fails with "INTERNAL Error: Attempted to dereference unique_ptr that is NULL").

@@ -17,7 +17,7 @@ import sys
 import pytest
 
 from engine import config
-from tests.harness import REPO
+from harness.server import REPO
 
 DEPLOY = REPO / "deploy"
 

@@ -21,7 +21,7 @@ import pytest
 
 from engine import tokens
 from gateway.flight import codec, metadata
-from tests.harness import Server, assert_no_leaks, wait_for, write_small_dataset
+from harness.server import Server, assert_no_leaks, wait_for, write_small_dataset
 
 TYPES_SQL = """
 SELECT

@@ -16,7 +16,7 @@ import socket
 import duckdb
 import pytest
 
-from tests.harness import Server, assert_no_leaks, write_small_dataset
+from harness.server import Server, assert_no_leaks, write_small_dataset
 
 SECRET = "DUCKFLEET-SECRET-" + secrets.token_hex(8)
 LIMITS = """

@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 from engine.memory import system_memory_bytes
-from tests.harness import REPO, assert_no_leaks, fleet_segments, wait_for
+from harness.server import REPO, assert_no_leaks, fleet_segments, wait_for
 
 SLOW_SQL = "SELECT sum(i) AS s FROM range(1000000000) t(i)"  # about 2 s on one thread
 SLOW_SUM = 999_999_999 * 1_000_000_000 // 2

@@ -14,7 +14,7 @@ import pytest
 
 from engine import config as config_mod
 from engine.config import ConfigError
-from tests.harness import http_post, wait_for, write_small_dataset
+from harness.server import http_post, wait_for, write_small_dataset
 
 CAPPED = '[duckdb]\nmemory_limit = "256MB"\n[workers]\nrss_margin_mb = 256\n'
 GREEDY = [  # each about 2 GB of RSS if nothing stops it

@@ -18,8 +18,8 @@ from bench.peers.dashboard import PANELS, WINDOWS, NOW0, panel_sql
 from engine.errors import Kind, QueryError
 from engine.extensions import load
 from engine.objectstore import check_url
-from tests.harness import Server, assert_no_leaks, wait_for, write_small_dataset
-from tests.s3server import KEY_ID, SECRET, S3Server
+from harness.server import Server, assert_no_leaks, wait_for, write_small_dataset
+from harness.s3server import KEY_ID, SECRET, S3Server
 
 TPCH_TABLES = ("customer", "lineitem", "nation", "orders", "part", "partsupp", "region", "supplier")
 MARKER = "planted-outside-the-prefix"

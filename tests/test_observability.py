@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from engine import tokens
 from gateway import handlers
 from gateway.metrics import RECYCLE_REASONS
-from tests.harness import Server, assert_no_leaks, wait_for, write_small_dataset
+from harness.server import Server, assert_no_leaks, wait_for, write_small_dataset
 
 ENDLESS_SQL = "SELECT sum(i) AS s FROM range(1000000000000) t(i)"
 

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from engine.demo import write_history
-from tests.harness import Server, assert_no_leaks
+from harness.server import Server, assert_no_leaks
 
 pytestmark = pytest.mark.timeout(600)  # a year of files is written and read once per session
 NOW = dt.datetime.now(dt.timezone.utc)

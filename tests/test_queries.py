@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from engine import tokens
-from tests.harness import assert_no_leaks, wait_for
+from harness.server import assert_no_leaks, wait_for
 
 # An expensive expression per row of a Parquet table: DuckDB reports the scan's progress.
 SLOW = ("SELECT sum(len(list_transform(range(4000), x -> x * usage_user))) AS s "

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from tests.harness import REPO
+from harness.server import REPO
 
 README = (REPO / "README.md").read_text()
 

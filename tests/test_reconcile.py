@@ -7,7 +7,7 @@ import signal
 from engine import memory
 from engine.children import Child
 from engine.reconcile import turn
-from tests.harness import wait_for
+from harness.server import wait_for
 
 MiB = 2**20
 

@@ -12,7 +12,7 @@ import pytest
 
 from engine import config as config_mod, memory
 from engine.config import ConfigError
-from tests.harness import assert_no_leaks, wait_for
+from harness.server import assert_no_leaks, wait_for
 
 ENDLESS_SQL = "SELECT sum(i) AS s FROM range(1000000000000) t(i)"
 

@@ -20,7 +20,7 @@ from gateway.fleet import Fleet
 from gateway.run import Ask, Runner
 from gateway.segments import SegmentPool
 from gateway.waiters import Waiters
-from tests.harness import fleet_segments
+from harness.server import fleet_segments
 
 CHUNK = 64 * 1024
 _pids = itertools.count(4_000_000)  # beyond pid_max: never a real process

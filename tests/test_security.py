@@ -12,7 +12,7 @@ import pytest
 
 from engine import tokens
 from gateway.ratelimit import TokenBuckets
-from tests.harness import (REPO, Server, assert_no_leaks, fleet_segments, wait_for,
+from harness.server import (REPO, Server, assert_no_leaks, fleet_segments, wait_for,
                            write_small_dataset)
 
 ROWS = 10  # rows per database in the small dataset

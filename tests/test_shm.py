@@ -9,7 +9,7 @@ import os
 import signal
 import threading
 
-from tests.harness import assert_no_leaks, fleet_segments, http_post, raw_socket_request, wait_for
+from harness.server import assert_no_leaks, fleet_segments, http_post, raw_socket_request, wait_for
 
 BIG_ARROW = "SELECT i, i * 2 AS j FROM range(10000000) t(i)"  # about 160 MB of Arrow
 SLOW_SQL = "SELECT sum(i) AS s FROM range(1000000000000) t(i)"

@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from tests.harness import http_post, wait_for, write_small_dataset
+from harness.server import http_post, wait_for, write_small_dataset
 
 TEN_MILLION = "SELECT i, i * 2 AS j, i % 7 AS k FROM range(10000000) t(i)"
 ARROW_BYTES = 10_000_000 * 3 * 8

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from tests.harness import Server, assert_no_leaks, wait_for
+from harness.server import Server, assert_no_leaks, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 SOAK_S = 20

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from tests.harness import assert_no_leaks, wait_for
+from harness.server import assert_no_leaks, wait_for
 
 SLOW_SQL = "SELECT sum(i) AS s FROM range(1000000000) t(i)"  # about 2 s on one thread
 SLOW_SUM = 999_999_999 * 1_000_000_000 // 2

@@ -32,7 +32,7 @@ import duckdb
 import psutil
 
 from engine.extensions import load
-from tests.harness import REPO, Server
+from harness.server import REPO, Server
 
 LOOPBACK = "127.0.0.1"
 

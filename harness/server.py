@@ -1,4 +1,5 @@
-"""Test harness: a real supervisor in a subprocess, spoken to over real HTTP.
+"""A duckfleet server for tests and benchmarks: a real supervisor in a subprocess, spoken to
+over real HTTP.
 
 Each Server gets its own runtime base directory and log file. Leak checks compare the
 processes, runtime files and /dev/shm segments against what was there before.

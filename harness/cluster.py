@@ -26,7 +26,7 @@ from pathlib import Path
 
 import psutil
 
-from tests.harness import REPO, SHM, wait_for
+from harness.server import REPO, SHM, wait_for
 
 
 class ClusterProcess:
