@@ -44,6 +44,7 @@ class Node:
     number: int
     log: Path
     port: int = 0
+    flight_port: int = 0  # each node's own Flight SQL port, kept across its restarts
     process: subprocess.Popen | None = None
 
 
@@ -60,7 +61,7 @@ class Cluster:
 
     def start_node(self, node: Node) -> None:
         command = [sys.executable, "-m", "engine.supervisor", "--port", str(node.port),
-                   "--host", "127.0.0.1"]
+                   "--host", "127.0.0.1", "--flight-port", str(node.flight_port)]
         for flag, value in (("--config", self.args.config), ("--workers", self.args.workers),
                             ("--data-dir", self.args.data_dir)):
             if value is not None:
@@ -74,7 +75,7 @@ class Cluster:
                                         start_new_session=True,  # Ctrl-C reaches us, not them
                                         preexec_fn=lambda: die_with_parent(parent, signal.SIGTERM))
         listening = _wait(lambda: self._listening(node), READY_TIMEOUT_S, f"node {node.number} to listen")
-        node.port = listening["port"]
+        node.port, node.flight_port = listening["port"], listening.get("flight_port") or 0
 
     def _listening(self, node: Node):
         if node.process.poll() is not None:
@@ -150,8 +151,9 @@ class Cluster:
             self.start_caddy()
             _say(f"balancer: http://{self.args.host}:{self.port}")
             for node in self.nodes:
+                flight = f", Flight SQL grpc://127.0.0.1:{node.flight_port}" if node.flight_port else ""
                 _say(f"node {node.number}: http://127.0.0.1:{node.port} (pid {node.process.pid}, "
-                     f"log {node.log})")
+                     f"log {node.log}{flight})")
             while not any(s in (signal.SIGINT, signal.SIGTERM) for s in self.signals):
                 if signal.SIGHUP in self.signals:
                     self.signals.remove(signal.SIGHUP)
