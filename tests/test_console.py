@@ -27,6 +27,7 @@ from engine import tokens
 from gateway import console
 from harness.server import REPO, Server, assert_no_leaks, wait_for
 
+pytestmark = pytest.mark.slow  # a browser per test: in CI's slow run (python -m pytest -m slow)
 REQUIRE_BROWSER = os.environ.get("REQUIRE_BROWSER_TESTS") == "1"
 WRITE_DOCS = os.environ.get("CONSOLE_DOCS_SCREENSHOTS") == "1"
 WAIT_S = 30  # the longest any page state is waited for

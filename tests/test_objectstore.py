@@ -71,6 +71,7 @@ def answer(fleet: Server, sql: str) -> tuple:
     return doc["columns"], doc["data"]
 
 
+@pytest.mark.slow  # an S3 server process and two fleets: in CI's slow run
 def test_answers_equal_local(fleets):
     local, remote = fleets
     live, explore = list(WINDOWS)[0], list(WINDOWS)[1]
@@ -116,6 +117,7 @@ def test_tpch_answers_equal_local(fleets, lake, s3, tmp_path):
         assert answer(remote, queries[n]) == answer(local, queries[n]), f"TPC-H Q{n}"
 
 
+@pytest.mark.slow  # an S3 server process and two fleets: in CI's slow run
 def test_sandbox_is_the_prefix(fleets):
     _, remote = fleets
     ready = [e for e in remote.events("ready") if e.get("process") == "worker"]
@@ -169,6 +171,7 @@ def hostile(port: int) -> list[tuple[str, bool]]:
     return [(sql, True) for sql in guarded] + [(sql, False) for sql in others]
 
 
+@pytest.mark.slow  # an S3 server process and two fleets: in CI's slow run
 def test_hostile_remote_paths_refused(fleets):
     _, remote = fleets
     trap = socket.create_server(("127.0.0.1", 0))  # where a redirected request would land
@@ -189,6 +192,7 @@ def test_hostile_remote_paths_refused(fleets):
     assert answer(remote, "SELECT count(*) FROM cpu")[1] == [[336000]]  # the workers serve on
 
 
+@pytest.mark.slow  # an S3 server process and two fleets: in CI's slow run
 def test_secret_never_shown(fleets):
     _, remote = fleets
     for route in ("/api/v1/catalog", "/api/v1/stats/connections", "/api/v1/metrics", "/metrics",
@@ -201,6 +205,7 @@ def test_secret_never_shown(fleets):
     assert config.stat().st_mode & 0o077 == 0  # the children's copy: private to the user
 
 
+@pytest.mark.slow  # an S3 server process and two fleets: in CI's slow run
 def test_new_and_deleted_objects_seen_after_a_listing(tmp_path, make_server, s3):
     write_small_dataset(tmp_path / "small", databases=("default",))
     s3.upload_tree(tmp_path / "small", "fresh")
