@@ -251,11 +251,9 @@ class Runner:
         try:
             with activity.cancellable():
                 result = await self._start(ask, activity)
-            if result.whole:
+            # a large result (more than one piece) takes one of its client's stream slots
+            with contextlib.nullcontext() if result.whole else self.streams.hold(ask.client):
                 yield result
-            else:
-                with self.streams.hold(ask.client):
-                    yield result
         finally:
             if result is not None:
                 result.close()
