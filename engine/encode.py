@@ -22,6 +22,8 @@ A type a format cannot hold fails the query with a 400 that names it.
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import duckdb
 import msgspec
 import pyarrow as pa
@@ -29,6 +31,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
 from engine.catalog import quote_ident
+from engine.errors import Kind, QueryError
 
 _ISO = "'%Y-%m-%dT%H:%M:%S.%f'"
 _TIMESTAMPS = {"timestamp", "timestamp_s", "timestamp_ms", "timestamp_ns"}
@@ -83,30 +86,146 @@ class Tally:
         self.rows = 0
 
 
+class Encoder:
+    """Runs a statement and writes its result in a format, binding it as few times as it can.
+
+    The text formats (and Parquet, for intervals) project the result through expressions chosen
+    by its column types, which only a bind tells. A bind costs about as much as running a small
+    query (it opens the first Parquet file of each scan), and the relational API bound three
+    times: to describe, to project, to run. Here the statement runs once, wrapped in its
+    projection as a subquery, and its shape (names and projection) is remembered by `key`: the
+    statement, the files it reads and its parameters, which decide the types. So a repeat
+    binds once and a first sight twice (describe, run). The memo holds SHAPES statements and is
+    forgotten with the worker's DuckDB instances (`forget`); a remembered shape that no longer
+    binds is described again. What DuckDB cannot read as a subquery (EXPLAIN, PRAGMA) goes
+    through the relational API. Main thread only.
+    """
+
+    SHAPES = 1024
+
+    def __init__(self):
+        self._shapes: OrderedDict[tuple, _Shape] = OrderedDict()
+
+    def forget(self) -> None:
+        self._shapes.clear()
+
+    def write(self, con: duckdb.DuckDBPyConnection, sql: str, params: list | None, fmt: str,
+              sink, batch_rows: int, tally: Tally, key: tuple) -> int:
+        """Run sql and encode its result into sink (a binary file object); the row count."""
+        if fmt == "arrow":
+            _write_arrow(_run(con, sql, params, batch_rows), sink, tally)
+            return tally.rows
+        if fmt not in _WRITERS:
+            raise ValueError(f"unknown format {fmt!r}")
+        key = (fmt, *key)
+        shape = self._shapes.get(key)
+        if shape is not None:
+            self._shapes.move_to_end(key)
+            try:
+                reader = shape.run(con, sql, params, batch_rows)
+            except (duckdb.BinderException, duckdb.ConversionException):
+                # Its types changed under it (nothing is written yet): describe it again.
+                del self._shapes[key]
+                shape = None
+        if shape is None:
+            rel = con.sql(sql, params=params) if params else con.sql(sql)
+            if rel is None:
+                raise QueryError(Kind.BAD_REQUEST, "the statement returns no result")
+            shape = _Shape(fmt, rel.columns, rel.types)
+            try:
+                reader = shape.run(con, sql, params, batch_rows)
+            except duckdb.ParserException:  # not a subquery: EXPLAIN, PRAGMA
+                reader = shape.project(rel).to_arrow_reader(batch_rows)
+            else:
+                self._shapes[key] = shape
+                if len(self._shapes) > self.SHAPES:
+                    self._shapes.popitem(last=False)
+            del rel
+        _WRITERS[fmt](reader, sink, tally, shape)
+        return tally.rows
+
+
 def write_result(rel: duckdb.DuckDBPyRelation, fmt: str, sink, batch_rows: int,
                  tally: Tally | None = None) -> int:
-    """Encode rel into sink (a binary file object) in fmt; returns the row count."""
+    """Encode a relation into sink in fmt; the row count (for a relation already at hand)."""
     tally = tally or Tally()
     if fmt == "arrow":
-        _write_arrow(rel, sink, batch_rows, tally)
-    elif fmt == "parquet":
-        _write_parquet(rel, sink, batch_rows, tally)
-    elif fmt == "csv":
-        _write_csv(rel, sink, batch_rows, tally)
-    elif fmt == "ndjson":
-        pairs = ", ".join(f"'{_sql_str(name)}', {json_value(f'#{i}', t)}"
-                          for i, (name, t) in enumerate(zip(rel.columns, rel.types), 1))
-        _write_rows(rel.project(f"json_object({pairs})::VARCHAR || chr(10)"), sink, batch_rows,
-                    tally)
-    elif fmt == "json":
-        sink.write(b'{"success":true,"columns":' + msgspec.json.encode(rel.columns) + b',"data":[')
-        values = ", ".join(json_value(f"#{i}", t) for i, t in enumerate(rel.types, 1))
-        _write_rows(rel.project(f"',' || json_array({values})::VARCHAR"), sink, batch_rows, tally,
-                    skip_first_byte=True)
-        sink.write(b'],"row_count":' + str(tally.rows).encode())
-    else:
+        _write_arrow(rel.to_arrow_reader(batch_rows), sink, tally)
+    elif fmt not in _WRITERS:
         raise ValueError(f"unknown format {fmt!r}")
+    else:
+        shape = _Shape(fmt, rel.columns, rel.types)
+        _WRITERS[fmt](shape.project(rel).to_arrow_reader(batch_rows), sink, tally, shape)
     return tally.rows
+
+
+def _run(con: duckdb.DuckDBPyConnection, sql: str, params: list | None, batch_rows: int):
+    con.execute(sql, params) if params else con.execute(sql)
+    if con.description is None:
+        raise QueryError(Kind.BAD_REQUEST, "the statement returns no result")
+    return con.to_arrow_reader(batch_rows)
+
+
+def _subquery(sql: str) -> str:
+    """The statement as the body of a subquery: without its closing semicolon, and on lines of
+    its own, so a trailing comment cannot swallow the parenthesis."""
+    tokens = duckdb.tokenize(sql)
+    if tokens and tokens[-1][1] == duckdb.token_type.operator:
+        text = sql.encode()  # token positions count bytes of UTF-8
+        if text[tokens[-1][0]:tokens[-1][0] + 1] == b";":
+            sql = text[:tokens[-1][0]].decode()
+    return f"(\n{sql}\n)"
+
+
+class _Shape:
+    """A result's column names and the projection a format reads it through (None: as is)."""
+
+    __slots__ = ("columns", "select")
+
+    def __init__(self, fmt: str, columns: list[str], types: list):
+        self.columns = columns
+        self.select = _PROJECTIONS[fmt](columns, types)
+
+    def run(self, con, sql: str, params: list | None, batch_rows: int):
+        if self.select is None:
+            return _run(con, sql, params, batch_rows)
+        return _run(con, f"SELECT {self.select} FROM {_subquery(sql)} AS q", params, batch_rows)
+
+    def project(self, rel: duckdb.DuckDBPyRelation) -> duckdb.DuckDBPyRelation:
+        return rel if self.select is None else rel.project(self.select)
+
+
+def _json_select(columns, types) -> str:
+    return f"',' || json_array({', '.join(json_value(f'#{i}', t) for i, t in enumerate(types, 1))})::VARCHAR"
+
+
+def _ndjson_select(columns, types) -> str:
+    pairs = ", ".join(f"'{_sql_str(name)}', {json_value(f'#{i}', t)}"
+                      for i, (name, t) in enumerate(zip(columns, types), 1))
+    return f"json_object({pairs})::VARCHAR || chr(10)"
+
+
+def _csv_select(columns, types) -> str:
+    return ", ".join(f"{csv_value(f'#{i}', t)} AS {quote_ident(name)}"
+                     for i, (name, t) in enumerate(zip(columns, types), 1))
+
+
+def _parquet_select(columns, types) -> str | None:
+    # Parquet has no month-day-nano interval: intervals are written as their text.
+    if not any(t.id == "interval" for t in types):
+        return None
+    return ", ".join(f"#{i}::VARCHAR AS {quote_ident(name)}" if t.id == "interval" else f"#{i}"
+                     for i, (name, t) in enumerate(zip(columns, types), 1))
+
+
+def _write_json(reader, sink, tally: Tally, shape: _Shape) -> None:
+    sink.write(b'{"success":true,"columns":' + msgspec.json.encode(shape.columns) + b',"data":[')
+    _write_rows(reader, sink, tally, skip_first_byte=True)
+    sink.write(b'],"row_count":' + str(tally.rows).encode())
+
+
+def _write_ndjson(reader, sink, tally: Tally, shape: _Shape) -> None:
+    _write_rows(reader, sink, tally)
 
 
 def _tallied(reader, tally: Tally):
@@ -120,38 +239,28 @@ def _sql_str(text: str) -> str:
     return text.replace("'", "''")
 
 
-def _write_arrow(rel, sink, batch_rows: int, tally: Tally) -> None:
-    reader = rel.to_arrow_reader(batch_rows)
+def _write_arrow(reader, sink, tally: Tally) -> None:
     with pa.ipc.new_stream(sink, reader.schema) as writer:
         for batch in _tallied(reader, tally):
             writer.write_batch(batch)
 
 
-def _write_parquet(rel, sink, batch_rows: int, tally: Tally) -> None:
-    # Parquet has no month-day-nano interval: intervals are written as their text.
-    if any(t.id == "interval" for t in rel.types):
-        rel = rel.project(", ".join(
-            f"#{i}::VARCHAR AS {quote_ident(name)}" if t.id == "interval" else f"#{i}"
-            for i, (name, t) in enumerate(zip(rel.columns, rel.types), 1)))
-    reader = rel.to_arrow_reader(batch_rows)
+def _write_parquet(reader, sink, tally: Tally, shape: _Shape) -> None:
     with pq.ParquetWriter(sink, reader.schema) as writer:
         for batch in _tallied(reader, tally):
             writer.write_batch(batch)
 
 
-def _write_csv(rel, sink, batch_rows: int, tally: Tally) -> None:
-    cells = ", ".join(f"{csv_value(f'#{i}', t)} AS {quote_ident(name)}"
-                      for i, (name, t) in enumerate(zip(rel.columns, rel.types), 1))
-    reader = rel.project(cells).to_arrow_reader(batch_rows)
+def _write_csv(reader, sink, tally: Tally, shape: _Shape) -> None:
     options = pa_csv.WriteOptions(quoting_style="needed")
     with pa_csv.CSVWriter(sink, reader.schema, write_options=options) as writer:
         for batch in _tallied(reader, tally):
             writer.write_batch(batch)
 
 
-def _write_rows(rel, sink, batch_rows: int, tally: Tally, skip_first_byte: bool = False) -> None:
-    """Copy a one-VARCHAR-column relation's strings back to back: one buffer copy per batch."""
-    for batch in _tallied(rel.to_arrow_reader(batch_rows), tally):
+def _write_rows(reader, sink, tally: Tally, skip_first_byte: bool = False) -> None:
+    """Copy a one-VARCHAR-column result's strings back to back: one buffer copy per batch."""
+    for batch in _tallied(reader, tally):
         if not batch.num_rows:
             continue
         column = batch.column(0)
@@ -161,3 +270,9 @@ def _write_rows(rel, sink, batch_rows: int, tally: Tally, skip_first_byte: bool 
         if skip_first_byte and tally.rows == 0:
             start += 1
         sink.write(memoryview(data)[start:end])
+
+
+_PROJECTIONS = {"json": _json_select, "ndjson": _ndjson_select, "csv": _csv_select,
+                "parquet": _parquet_select}
+_WRITERS = {"json": _write_json, "ndjson": _write_ndjson, "csv": _write_csv,
+            "parquet": _write_parquet}

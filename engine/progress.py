@@ -11,6 +11,7 @@ lock keeps frames whole. A report that arrives after its query ended is ignored 
 from __future__ import annotations
 
 import threading
+import time
 from typing import Callable
 
 import duckdb
@@ -20,42 +21,34 @@ from engine.encode import Tally
 
 
 class ProgressReporter:
+    """The thread looks at the running query every half interval, on its own clock: arming and
+    disarming are two assignments, so a query of a few milliseconds wakes no thread."""
+
     def __init__(self, interval_s: float, send: Callable[[protocol.Message], None]):
         self.interval = interval_s
         self._send = send
-        self._lock = threading.Lock()
-        self._armed = threading.Event()
-        self._ended = threading.Event()  # set when a query ends: cuts the interval's wait short
-        self._running: tuple[int, duckdb.DuckDBPyConnection, Tally] | None = None
+        # (query id, connection, tally, started): replaced whole, so read without a lock
+        self._running: tuple[int, duckdb.DuckDBPyConnection, Tally, float] | None = None
 
     def start(self) -> None:
         if self.interval > 0:
             threading.Thread(target=self._run, name="progress", daemon=True).start()
 
     def arm(self, query_id: int, con: duckdb.DuckDBPyConnection, tally: Tally) -> None:
-        with self._lock:
-            self._running = (query_id, con, tally)
-            self._ended.clear()
-        self._armed.set()
+        self._running = (query_id, con, tally, time.monotonic())
 
     def disarm(self) -> None:
-        with self._lock:
-            self._running = None
-            self._ended.set()
-        self._armed.clear()
+        self._running = None
 
     def _run(self) -> None:
+        reported = 0.0
         while True:
-            self._armed.wait()
-            with self._lock:
-                first = self._running
-            if first is None or self._ended.wait(self.interval):
-                continue
-            with self._lock:
-                running = self._running
-            if running is None or running[0] != first[0]:
-                continue  # report only a query still running an interval later
-            query_id, con, tally = running
+            time.sleep(self.interval / 2)
+            running, now = self._running, time.monotonic()
+            if running is None or now - max(running[3], reported) < self.interval:
+                continue  # a query still running an interval after it started, once an interval
+            reported = now
+            query_id, con, tally, _ = running
             try:
                 percent = con.query_progress()
             except duckdb.Error:

@@ -44,10 +44,11 @@ import time
 from pathlib import Path
 
 import duckdb
+import msgspec
 import pyarrow as pa
 
 from engine import config as config_mod, log as log_mod, policy, protocol, sandbox
-from engine.encode import Tally, write_result
+from engine.encode import Encoder, Tally
 from engine.formats import FORMATS
 from engine.errors import Kind, QueryError, duckdb_kind
 from engine.instances import Instances, read_settings
@@ -105,6 +106,7 @@ class Worker:
         self.watch = MemoryWatch(self.rss_cap, workers.rss_check_ms / 1000, self.over_memory)
         self.watch.start()
         self.checked = policy.Checked(self.remote)  # statements found allowed, checked once each
+        self.encoder = Encoder()  # results' shapes, remembered per statement
         self.progress = ProgressReporter(workers.progress_ms / 1000, self.send)
         self.progress.start()
 
@@ -255,6 +257,7 @@ class Worker:
         views for the tables there are now (`evolved`: as the gateway says they are)."""
         keep = self.instances.evolved if evolved is None else evolved
         self.instances.close()
+        self.encoder.forget()
         self.instances = self._reopen(keep)
         self.connections += 1
         malloc_trim()
@@ -348,11 +351,8 @@ class Worker:
             self.progress.arm(query.id, con, tally)
             with ChunkWriter(query.segment, query.chunk_bytes, query.max_result_bytes,
                              hand_over, self._next_segment) as sink:
-                rel = con.sql(sql, params=query.params) if query.params else con.sql(sql)
-                if rel is None:
-                    raise QueryError(Kind.BAD_REQUEST, "the statement returns no result")
-                rows = write_result(rel, query.format, sink, query.batch_rows, tally)
-                del rel
+                rows = self.encoder.write(con, sql, query.params, query.format, sink,
+                                          query.batch_rows, tally, shape_key(query))
                 return protocol.Result(query.id, sink.segment, sink.position, rows,
                                        (time.perf_counter() - started) * 1000)
         except QueryError as exc:
@@ -405,6 +405,16 @@ class Worker:
         self.broken = True
         log.error("duckdb_internal_error", query_id=query.id, error=self.redact(text))
         return protocol.Failure(query.id, Kind.INTERNAL, f"internal error: {first_line(text)}")
+
+
+def shape_key(query: protocol.Query) -> tuple:
+    """What decides a statement's result types: its text, the files it reads (not the instant
+    now() was fixed at), its parameters and the databases it may see."""
+    files = tuple(tuple(v) for v in query.fills.values() if isinstance(v, list)) \
+        if query.fills else ()
+    params = msgspec.msgpack.encode(query.params) if query.params else b""
+    scope = None if query.databases is None else tuple(query.databases)
+    return query.sql, files, params, scope
 
 
 def connect_gateway(path: str, timeout: float, give_up=lambda: False) -> socket.socket:
