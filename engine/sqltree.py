@@ -35,6 +35,11 @@ def parse_tree(con: duckdb.DuckDBPyConnection, sql: str, max_bytes: int = 0) -> 
     if max_bytes and len(text) > max_bytes:
         raise QueryError(Kind.TOO_LARGE, f"the statement is too large to check: its syntax tree "
                                          f"is over {max_bytes // 2**20} MiB")
+    return decode_tree(text)
+
+
+def decode_tree(text: str) -> dict:
+    """json_serialize_sql's output; it may hold Infinity and NaN, which JSON has not."""
     try:
         return msgspec.json.decode(text)
     except msgspec.DecodeError:

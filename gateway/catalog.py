@@ -37,7 +37,7 @@ import msgspec
 
 from engine import index as index_mod, log as log_mod, objectstore, sandbox
 from engine.config import CatalogConfig, S3Config, is_remote
-from engine.sqltree import fill, parse_tree
+from engine.sqltree import decode_tree, fill, parse_tree
 from gateway import prune, tables as tables_mod
 from gateway.sqlkey import Analysis, SqlAnalyzer
 from gateway.listing import ListingWatcher
@@ -314,13 +314,12 @@ class Catalog:
         clocked = prune.substitute_now(tree, self._now_markers())
         collector = self._collect(tree, scope)
         template = Template(analysis, [t.key.casefold() for _, t in collector.seen], [])
-        if not collector.refs or self._mark in sql:
+        if not collector.refs or not collector.consts or self._mark in sql:
             return template
-        bounds_sql = self._bounds_sql(collector.consts)
         for n, ref in enumerate(collector.refs):
             self._replace(ref.node, f"{self._mark}_files_{n}", ref.table.evolved)
-        run_sql = self._deparse(tree, sql)
-        if bounds_sql is None or run_sql is None:
+        bounds_sql, run_sql = self._texts(collector.consts, tree, sql)
+        if bounds_sql is None:
             return template
         template.refs = [(ref.table.key.casefold(), ref.terms) for ref in collector.refs]
         template.bounds_sql, template.run_sql = bounds_sql, run_sql
@@ -375,21 +374,33 @@ class Catalog:
 
     # --- DuckDB: bounds, rewrites ---
 
-    def _bounds_sql(self, consts: list[tuple[dict, str]]) -> str | None:
+    def _texts(self, consts: list[tuple[dict, str]], tree: dict,
+               sql: str) -> tuple[str | None, str | None]:
+        """The SQL that evaluates the bounds, and the rewritten statement (if DuckDB parses it
+        back to the same tree), from one call into DuckDB; (None, None) if it refuses either."""
         select = msgspec.json.decode(msgspec.json.encode(self._select))
         select["node"]["select_list"] = [
             {"class": "CAST", "type": "OPERATOR_CAST", "alias": f"v{i}", "query_location": 0,
              "child": expr, "cast_type": {"id": cast, "type_info": None}, "try_cast": False}
             for i, (expr, cast) in enumerate(consts)]
+        documents = [msgspec.json.encode({"error": False, "statements": [statement]}).decode()
+                     for statement in (select, dict(self._select, node=tree))]
         try:
-            inner = self._deserialize(select)
-        except duckdb.Error:
-            return None
+            inner, text, again = self._con.execute(
+                "SELECT json_deserialize_sql($1::JSON), t, json_serialize_sql(t) "
+                "FROM (SELECT json_deserialize_sql($2::JSON) AS t)", documents).fetchone()
+            again = decode_tree(again)["statements"][0]["node"]
+        except (duckdb.Error, KeyError, IndexError) as exc:
+            log.warning("prune_skipped", reason=str(exc)[:200], sql=sql[:200])
+            return None, None
+        if prune.strip_locations(again) != prune.strip_locations(tree):
+            log.warning("prune_skipped", reason="the rewrite does not round-trip", sql=sql[:200])
+            return None, None
         outer = ", ".join(
             f"CASE WHEN isinf(v{i}) THEN (CASE WHEN v{i} > TIMESTAMP '1970-01-01' "
             f"THEN {prune.HIGH} ELSE {prune.LOW} END) ELSE epoch_us(v{i}) END"
             for i in range(len(consts)))
-        return f"SELECT {outer} FROM ({inner})"
+        return f"SELECT {outer} FROM ({inner})", text
 
     def _evaluate(self, bounds_sql: str, instants: dict[str, str]) -> list | None:
         """Every bound as microseconds (None: SQL NULL); None if DuckDB refuses them."""
@@ -406,24 +417,6 @@ class Catalog:
         new["function"]["children"][0]["children"] = [_constant(marker)]
         node.clear()
         node.update(new)
-
-    def _deparse(self, tree: dict, sql: str) -> str | None:
-        """The rewritten statement as SQL, if DuckDB parses it back to the same tree."""
-        statement = dict(self._select, node=tree)
-        try:
-            text = self._deserialize(statement)
-            again = parse_tree(self._con, text)["statements"][0]["node"]
-        except (duckdb.Error, KeyError, IndexError) as exc:
-            log.warning("prune_skipped", reason=str(exc)[:200], sql=sql[:200])
-            return None
-        if prune.strip_locations(again) != prune.strip_locations(tree):
-            log.warning("prune_skipped", reason="the rewrite does not round-trip", sql=sql[:200])
-            return None
-        return text
-
-    def _deserialize(self, statement: dict) -> str:
-        document = msgspec.json.encode({"error": False, "statements": [statement]}).decode()
-        return self._con.execute("SELECT json_deserialize_sql($1::JSON)", [document]).fetchone()[0]
 
     def _conflicts(self, table: TableFiles) -> list[str]:
         key = (table.key, tuple(sorted(table.schemas)))
