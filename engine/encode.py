@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 
 from engine.catalog import quote_ident
 from engine.errors import Kind, QueryError
+from engine.sqltree import subquery
 
 _ISO = "'%Y-%m-%dT%H:%M:%S.%f'"
 _TIMESTAMPS = {"timestamp", "timestamp_s", "timestamp_ms", "timestamp_ns"}
@@ -166,17 +167,6 @@ def _run(con: duckdb.DuckDBPyConnection, sql: str, params: list | None, batch_ro
     return con.to_arrow_reader(batch_rows)
 
 
-def _subquery(sql: str) -> str:
-    """The statement as the body of a subquery: without its closing semicolon, and on lines of
-    its own, so a trailing comment cannot swallow the parenthesis."""
-    tokens = duckdb.tokenize(sql)
-    if tokens and tokens[-1][1] == duckdb.token_type.operator:
-        text = sql.encode()  # token positions count bytes of UTF-8
-        if text[tokens[-1][0]:tokens[-1][0] + 1] == b";":
-            sql = text[:tokens[-1][0]].decode()
-    return f"(\n{sql}\n)"
-
-
 class _Shape:
     """A result's column names and the projection a format reads it through (None: as is)."""
 
@@ -189,7 +179,7 @@ class _Shape:
     def run(self, con, sql: str, params: list | None, batch_rows: int):
         if self.select is None:
             return _run(con, sql, params, batch_rows)
-        return _run(con, f"SELECT {self.select} FROM {_subquery(sql)} AS q", params, batch_rows)
+        return _run(con, f"SELECT {self.select} FROM {subquery(sql)} AS q", params, batch_rows)
 
     def project(self, rel: duckdb.DuckDBPyRelation) -> duckdb.DuckDBPyRelation:
         return rel if self.select is None else rel.project(self.select)

@@ -46,6 +46,17 @@ def decode_tree(text: str) -> dict:
         return json.loads(text, parse_constant=lambda c: {"float": c})
 
 
+def subquery(sql: str) -> str:
+    """One statement as the body of a subquery: without its closing semicolon, and on lines of
+    its own, so a trailing comment cannot swallow the parenthesis."""
+    tokens = duckdb.tokenize(sql)
+    if tokens and tokens[-1][1] == duckdb.token_type.operator:
+        text = sql.encode()  # token positions count bytes of UTF-8
+        if text[tokens[-1][0]:tokens[-1][0] + 1] == b";":
+            sql = text[:tokens[-1][0]].decode()
+    return f"(\n{sql}\n)"
+
+
 def literal(text: str) -> str:
     """A SQL string constant."""
     return "'" + text.replace("'", "''") + "'"

@@ -29,6 +29,7 @@ import pyarrow as pa
 
 from engine.catalog import quote_ident
 from engine.errors import Kind, QueryError
+from engine.sqltree import subquery
 
 VERSION = 1
 
@@ -85,9 +86,7 @@ class LocalDuckDB:
             return None  # the query itself will say what is wrong, when it is run
         if len(statements) != 1 or statements[0].type != duckdb.StatementType.SELECT:
             return None
-        body = sql.strip().rstrip(";")
-        # a newline before the parenthesis: a trailing -- comment must not swallow it
-        return f"SELECT * FROM (\n{body}\n) LIMIT 0", [None] * len(statements[0].named_parameters)
+        return f"SELECT * FROM {subquery(sql)} LIMIT 0", [None] * len(statements[0].named_parameters)
 
     def arrow_schema(self, columns: list[dict]) -> pa.Schema:
         """The Arrow schema DuckDB gives columns of these DuckDB types (as the catalog lists
