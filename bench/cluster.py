@@ -34,7 +34,7 @@ from pathlib import Path
 
 from bench.common import raise_on_stop_signals, write_report
 from bench.peers.dashboard import DashboardMix
-from bench.peers.loadgen import Reply, closed_loop, post
+from bench.peers.loadgen import FAILED, Reply, closed_loop, post
 from bench.peers.servers import Peer
 from engine.demo import write_demo
 from harness.cluster import ClusterProcess
@@ -52,6 +52,8 @@ class Answers:
         self.errors: collections.Counter = collections.Counter()
 
     def on_reply(self, reply: Reply) -> None:
+        if reply.status == FAILED:
+            return  # no answer: the load generator's tally counts it
         if reply.status != 200:
             self.errors[f"http {reply.status}: {(reply.body or b'')[:120]!r}"] += 1
             return

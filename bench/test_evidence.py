@@ -21,7 +21,7 @@ from bench.answers import Reference, check_answer, wrong_answer
 from bench.peers import mixcheck, tpch, verdict
 from bench.peers.arc_tier import QueryCache
 from bench.peers.datasets import DEMO_TABLES
-from bench.peers.loadgen import Reply
+from bench.peers.loadgen import Reply, closed_loop
 from bench.peers.servers import Peer
 
 
@@ -77,6 +77,21 @@ def test_keeper_keeps_a_tenth_and_every_cache_served_answer():
     keeper.on_reply(Reply(0, "q30", 503, body=b"{}"))
     assert [r.sql for r in keeper.kept] == ["q0", "q5", "q10", "q20"]
     assert keeper.cache_served == 1 and keeper.replies == 31
+
+
+def test_a_request_without_answer_keeps_its_place_in_the_plan():
+    """A request that fails without an answer (an exception, a timeout) still reaches
+    on_reply, so the sampled positions stay the planned ones (else a later, unplanned query is
+    kept and the peer is refused)."""
+    sequence = [f"SELECT {k} AS k" for k in range(11)]
+    sequence[3] = "SELECT no_such_column"  # fails in the client: no status, no rows
+    con = duckdb.connect()
+    keeper = mixcheck.Keeper()
+    feed = iter(sequence)
+    closed_loop(Peer("local", "duckdb", con=con), lambda n: next(feed, None), 1, 30,
+                on_reply=keeper.on_reply)
+    assert [r.sql for r in keeper.kept] == ["SELECT 0 AS k", "SELECT 10 AS k"]
+    assert keeper.replies == 11
 
 
 def test_check_catches_a_wrong_body_and_an_unplanned_query(reference):

@@ -56,12 +56,15 @@ def fetch_arrow(port: int, sql: str) -> pa.Table:
         conn.close()
 
 
+FAILED = 0  # Reply.status of a request that got no answer
+
+
 @dataclass
 class Reply:
     """One answer: an HTTP peer's status, X-Cache and body, or a DuckDB client's rows."""
     client: int
     sql: str
-    status: int  # DuckDB-client peers: 200
+    status: int  # DuckDB-client peers: 200; FAILED: no answer (an exception, a timeout)
     cache: str | None = None
     body: bytes | None = None
     rows: list | None = None
@@ -120,6 +123,8 @@ async def _http(peer: Peer, next_sql: Callable[[int], str | None], concurrency: 
                             continue
                 except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                     tally.error(type(exc).__name__, repr(exc)[:300])
+                    if on_reply is not None:  # its place in the client's sequence is used up
+                        on_reply(Reply(n, sql, FAILED))
                     continue
                 tally.latencies.append(time.perf_counter() - started)
         await asyncio.gather(*(client(n) for n in range(concurrency)))
@@ -149,6 +154,8 @@ def _threads(peer: Peer, next_sql: Callable[[int], str | None], concurrency: int
                 except Exception as exc:  # duckdb.Error and its kin: an error is a result here
                     with lock:
                         tally.error(f"{type(exc).__name__}: {str(exc)[:80]}", str(exc)[:300])
+                        if on_reply is not None:
+                            on_reply(Reply(n, sql, FAILED))
                     continue
                 elapsed = time.perf_counter() - started
                 with lock:
