@@ -186,7 +186,8 @@ class _Shape:
 
 
 def _json_select(columns, types) -> str:
-    return f"',' || json_array({', '.join(json_value(f'#{i}', t) for i, t in enumerate(types, 1))})::VARCHAR"
+    values = ", ".join(json_value(f"#{i}", t) for i, t in enumerate(types, 1))
+    return f"',' || json_array({values})::VARCHAR"
 
 
 def _ndjson_select(columns, types) -> str:

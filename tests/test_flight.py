@@ -5,6 +5,7 @@ recycling, and the port surviving a gateway restart."""
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import os
 import shutil
@@ -321,6 +322,78 @@ def test_a_client_that_stops_reading_ends_its_query(make_server):
     wait_for(lambda: not listed(), 30, what="the query ended by send_timeout_s")
     wait_for(lambda: srv.stats()["shm_segments_in_use"] == 0, 20, what="its segments freed")
     client.close()
+
+
+def test_a_statement_prepared_and_executed_runs_once(flight_server):
+    """ADBC prepares each statement it executes: the query the prepare starts (its first bytes
+    tell the schema) is taken over by the DoGet that follows. A statement with parameters is
+    described, then run."""
+    srv = flight_server
+    tag = int.from_bytes(os.urandom(4), "big")  # a text no earlier test sent: no cached answer
+    count = http_rows(srv, "SELECT count(*) FROM cpu")[0][0]
+    with connect(srv) as con:
+        served, logged = srv.stats()["served"], len(srv.events("access"))
+        assert fetch(con, f"SELECT count(*) AS n, {tag} AS tag FROM cpu").to_pylist() == \
+            [{"n": count, "tag": tag}]
+        assert srv.stats()["served"] - served == 1
+        # the DoGet's access line is the query's: its rows, though its prepare started it
+        gets = wait_for(lambda: [e for e in srv.events("access")[logged:]
+                                 if e["method"] == "DoGet"], 10, what="the DoGet's access line")
+        assert (gets[0]["status"], gets[0]["rows"]) == (200, 1)
+        served = srv.stats()["served"]
+        assert fetch(con, f"SELECT ? + count(*) AS n, {tag} AS tag FROM cpu", [1]).to_pylist() \
+            == [{"n": count + 1, "tag": tag}]
+        assert srv.stats()["served"] - served == 2
+
+
+def test_a_query_started_by_a_prepare_never_executed_is_ended(flight_server):
+    """A prepared statement closed before it is executed: the query it started stops."""
+    with connect(flight_server) as con:
+        cur = con.cursor()
+        tag = int.from_bytes(os.urandom(4), "big")  # a statement whose schema is not known yet
+        # its first bytes do not come in time: it is described as well
+        cur.adbc_prepare(f"SELECT {tag} AS tag, sum(a.range * b.range) "
+                         "FROM range(200000) a, range(200000) b")
+        assert stats_busy(flight_server) == 1  # the started query, waiting for its DoGet
+        cur.close()  # ClosePreparedStatement
+        # sooner than prepared.KEEP_S, after which a query not taken ends anyway
+        wait_for(lambda: stats_busy(flight_server) == 0, 3, what="the started query ended")
+
+
+def test_started_queries_are_bounded_taken_once_and_fresh():
+    from gateway.flight import prepared
+
+    class Pipe:  # what StartedQueries asks of a bridge.Pipe
+        cancelled = False
+
+        def cancel(self):
+            self.cancelled = True
+
+    loop = asyncio.new_event_loop()
+    try:
+        queries = prepared.StartedQueries(loop)
+        one = prepared.Started(Pipe(), None, 7)
+        queries.put(("a", None), "q1", one)
+        assert queries.take(("b", None), "q1", 7) is None  # another caller
+        assert queries.take(("a", None), "q1", 7) is one
+        assert queries.take(("a", None), "q1", 7) is None  # once
+        stale = prepared.Started(Pipe(), None, 7)
+        queries.put(("a", None), "q1", stale)
+        assert queries.take(("a", None), "q1", 8) is None and stale.pipe.cancelled  # files changed
+        mine = [prepared.Started(Pipe(), None, 7) for _ in range(prepared.PER_CALLER + 1)]
+        for n, started in enumerate(mine):
+            queries.put(("a", None), f"q{n}", started)
+        assert mine[0].pipe.cancelled and not mine[-1].pipe.cancelled  # a caller's oldest ended
+        others = [prepared.Started(Pipe(), None, 7) for _ in range(prepared.KEPT)]
+        for n, started in enumerate(others):
+            queries.put((f"c{n}", None), "q", started)
+        assert all(s.pipe.cancelled for s in mine) and not any(s.pipe.cancelled for s in others)
+        queries.drop(("c0", None), "q")
+        assert others[0].pipe.cancelled
+        queries.close()
+        assert all(s.pipe.cancelled for s in others)
+    finally:
+        loop.close()
 
 
 def test_the_cache_answers_flight_and_http_alike(flight_server):

@@ -5,12 +5,14 @@ each concurrency, the same queries for every peer), closed loop; the peak RSS of
 of the peer is sampled during each, and its answers are checked after it (the warm-up's, a
 fixed sample of at least 10%, every one a cache served). Large
 results: Arrow (read into a pyarrow Table) and JSON (the whole body received, not parsed) of
-1M and 10M rows, seconds and rows a second; a measurement whose first run takes longer than
-SLOW_S is not repeated, so a slow peer cannot blow the time budget.
+1M and 10M rows, seconds and rows a second, a client connection of a DB-API peer (in-process
+DuckDB, ADBC) opened before the runs of a measurement; a measurement whose first run takes
+longer than SLOW_S is not repeated, so a slow peer cannot blow the time budget.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import statistics
@@ -89,7 +91,9 @@ def summarize(rows: list[dict]) -> dict:
             "runs": [{k: r[k] for k in ("qps", "p50_ms", "p99_ms", "errors", "duration_s")} for r in rows]}
 
 
-def _fetch(peer: Peer, fmt: str, sql: str, rows: int) -> None:
+def _fetch(peer: Peer, fmt: str, sql: str, rows: int, cursor=None) -> None:
+    """One fetch; a DB-API peer's `cursor` is opened once for all runs (as an application
+    keeps its connection), so a run times the query, not the connection's set-up."""
     if peer.kind == "http" and fmt == "arrow":
         got = fetch_arrow(peer.port, sql).num_rows
     elif peer.kind == "http":
@@ -101,13 +105,9 @@ def _fetch(peer: Peer, fmt: str, sql: str, rows: int) -> None:
         found = re.search(rb'"row_count":\s*(\d+)', body[-512:])
         got = int(found.group(1)) if found else -1
     elif peer.kind == "flight":  # ADBC's fetch_arrow_table: the whole result as a pyarrow Table
-        cursor = peer.cursor()
-        try:
-            got = cursor.execute(sql).fetch_arrow_table().num_rows
-        finally:
-            cursor.close()
+        got = cursor.execute(sql).fetch_arrow_table().num_rows
     else:
-        got = peer.cursor().sql(peer.sql_for(sql)).arrow().read_all().num_rows
+        got = cursor.sql(peer.sql_for(sql)).arrow().read_all().num_rows
     if got != rows:
         raise RuntimeError(f"{got} rows, expected {rows}")
 
@@ -122,11 +122,13 @@ def large_results(peer: Peer, runs: int, sizes: list[int], json_max_rows: int) -
             if fmt == "json" and peer.kind != "http":
                 continue  # a DuckDB client gets Arrow-like batches; there is no JSON to time
             times, error = [], None
-            with RssSampler(peer.pids) as rss:
+            cursor = peer.cursor() if peer.kind != "http" else None
+            with RssSampler(peer.pids) as rss, contextlib.closing(cursor) if cursor else \
+                    contextlib.nullcontext():
                 for _ in range(runs):
                     started = time.perf_counter()
                     try:
-                        _fetch(peer, fmt, sql, rows)
+                        _fetch(peer, fmt, sql, rows, cursor)
                     except Exception as exc:  # a failure is a result: recorded, not fatal
                         error = f"{type(exc).__name__}: {str(exc)[:200]}"
                         break

@@ -99,6 +99,15 @@ class Pipe:
         if self.future is not None and not self.future.done():
             self.future.cancel()
 
+    def started(self, timeout: float) -> bool:
+        """Whether the first bytes (or the end) arrived within timeout seconds."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._chunks or self._done, timeout)
+
+    def adopt(self, context) -> None:
+        """Another call reads the stream from now on: its cancellation ends the query."""
+        self._context = context
+
     def read(self, size: int = -1):
         """Up to size bytes (all that is left if size < 0); b"" at the end. A request the
         first chunk holds is a view of it (no copy); one across chunks is joined."""

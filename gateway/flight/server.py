@@ -36,10 +36,11 @@ from engine import log as log_mod
 from engine.config import Config
 from engine.errors import Kind, QueryError
 from gateway import render
-from gateway.access import CLIENT_CLOSED
+from gateway.access import CLIENT_CLOSED, RequestFacts
 from gateway.auth import TokenStore
 from gateway.flight import bridge, codec, metadata, statements
 from gateway.flight.auth import KEY, AcceptHandshake, TokenAuth, token_of
+from gateway.flight.prepared import Started, StartedQueries
 from gateway.flight.service import FlightService
 from gateway.flight.status import flight_error
 
@@ -48,6 +49,7 @@ PIPE_BYTES = 32 * 2**20  # result bytes waiting for a slow client, per call
 # gRPC clients refuse messages over 16 MiB by default (the Go driver behind ADBC does): a
 # larger batch of the worker's (wide rows) goes out in slices of about this much (no copy).
 MESSAGE_BYTES = 8 * 2**20
+SCHEMA_WAIT_S = 1.0  # a prepare waits this long for a started query's schema, then describes it
 SCHEMAS_KEPT = 4096
 WRITES = ("CommandStatementUpdate", "CommandPreparedStatementUpdate", "CommandStatementIngest")
 METADATA = {
@@ -136,6 +138,7 @@ class FlightSqlServer(fl.FlightServerBase):
         self._schemas: collections.OrderedDict[tuple, tuple[tuple, pa.Schema]] = \
             collections.OrderedDict()  # statement schemas (see _describe), shared by gRPC threads
         self._lock = threading.Lock()
+        self._started = StartedQueries(loop)  # queries started by a prepare, for their DoGet
         self.duckdb = statements.LocalDuckDB()
         super().__init__(location, auth_handler=AcceptHandshake(),
                          middleware={KEY: TokenAuth(store)} if store is not None else None,
@@ -143,6 +146,7 @@ class FlightSqlServer(fl.FlightServerBase):
 
     def close(self) -> None:
         """Stop serving; waits for the calls in flight (so: not on the loop they need)."""
+        self._started.close()
         self.shutdown()
         self.duckdb.close()
 
@@ -195,13 +199,17 @@ class FlightSqlServer(fl.FlightServerBase):
             _, body = codec.unpack(action.body.to_pybytes())
             sql = codec.decode("ActionCreatePreparedStatementRequest", body)["query"] or ""
             self._may_query(call)
-            schema = self._describe(call, sql)
+            schema = self._describe(call, sql, start=True)
             answer = codec.pack("ActionCreatePreparedStatementResult",
                                 prepared_statement_handle=statements.encode_handle(sql, None),
                                 dataset_schema=schema.serialize().to_pybytes() if schema else b"")
             return [fl.Result(pa.py_buffer(answer))]
-        if kind == "ClosePreparedStatement":
-            return []  # handles are stateless
+        if kind == "ClosePreparedStatement":  # handles are stateless: only a started query
+            _, body = codec.unpack(action.body.to_pybytes())
+            handle = codec.decode("ActionClosePreparedStatementRequest", body)[
+                "prepared_statement_handle"] or b""
+            self._started.drop(_caller(call), statements.decode_handle(handle)[0])
+            return []
         if kind in ("BeginTransaction", "BeginSavepoint"):
             raise QueryError(Kind.FORBIDDEN, "duckfleet is read-only: no transactions")
         raise pa.ArrowNotImplementedError(f"action {kind!r} is not supported")
@@ -239,18 +247,21 @@ class FlightSqlServer(fl.FlightServerBase):
             raise QueryError(Kind.FORBIDDEN, f"token {token.name!r} may read metadata only, "
                                              "not run queries")
 
-    def _ask(self, call: Call, sql: str, params):
+    def _ask(self, call: Call, sql: str, params, facts: RequestFacts | None = None):
         if not sql.strip():
             raise QueryError(Kind.BAD_REQUEST, "sql is empty")
         if "\x00" in sql:
             raise QueryError(Kind.BAD_REQUEST, "sql contains a NUL byte")
-        return self.service.ask(sql, params, call.facts, call.context.peer())
+        return self.service.ask(sql, params, facts or call.facts, call.context.peer())
 
-    def _describe(self, call: Call, sql: str) -> pa.Schema | None:
+    def _describe(self, call: Call, sql: str, start: bool = False) -> pa.Schema | None:
         """The schema of the statement's result; None if it cannot be had without running it
         (not a plain query, or DuckDB cannot type it with NULL parameters). Remembered per
         statement and scope until any file of the catalog changes: clients prepare every
-        statement they run, and a schema costs a worker a round trip."""
+        statement they run, and a schema costs a worker a round trip. With `start` (a
+        prepare), a statement without parameters starts running, for its DoGet to take over
+        (gateway/flight/prepared.py), and its first bytes tell the schema if they come within
+        SCHEMA_WAIT_S."""
         token = call.facts.token
         key = (sql, tuple(token.databases) if token and token.databases else None)
         catalog = self.service.catalog
@@ -263,33 +274,61 @@ class FlightSqlServer(fl.FlightServerBase):
         described = self.duckdb.describe_sql(sql)
         if described is None:
             return None
-        ask = self._ask(call, *described)
         try:
-            ipc = bridge.call(self.loop, call.context, self.service.fetch(ask))
+            schema = self._start(call, sql, generation[0]) if start and not described[1] else None
+            if schema is None:
+                ask = self._ask(call, *described)
+                schema = statements.schema_of(bridge.call(self.loop, call.context,
+                                                          self.service.fetch(ask)))
         except QueryError as exc:
             if exc.kind == Kind.SQL_ERROR:
                 return None  # the statement itself says what is wrong when it runs
             raise
-        schema = statements.schema_of(ipc)
         with self._lock:
             self._schemas[key] = (generation, schema)
             if len(self._schemas) > SCHEMAS_KEPT:
                 self._schemas.popitem(last=False)
         return schema
 
+    def _start(self, call: Call, sql: str, changes: int) -> pa.Schema | None:
+        """Start the statement for the DoGet that follows; its schema, if its first bytes come
+        within SCHEMA_WAIT_S (else it keeps running, and None)."""
+        facts = self.service.facts(call.facts.token)
+        facts.sql, facts.format = sql, "arrow"
+        pipe = bridge.Pipe(self.loop, call.context, PIPE_BYTES, self.send_timeout)
+        pipe.start(self.service.pump(self._ask(call, sql, None, facts), pipe, facts))
+        started = Started(pipe, facts, changes)
+        if pipe.started(SCHEMA_WAIT_S):
+            try:
+                started.reader = pa.ipc.open_stream(pipe)
+            except Exception:
+                pipe.cancel()
+                if isinstance(pipe.error, QueryError):
+                    raise pipe.error from None
+                raise
+        self._started.put(_caller(call), sql, started)
+        return started.reader.schema if started.reader is not None else None
+
     def _stream(self, call: Call, sql: str, params):
         self._may_query(call)
-        call.facts.sql, call.facts.format = sql, "arrow"
-        ask = self._ask(call, sql, params)
-        pipe = bridge.Pipe(self.loop, call.context, PIPE_BYTES, self.send_timeout)
-        pipe.start(self.service.pump(ask, pipe, call.facts))
-        try:
-            reader = pa.ipc.open_stream(pipe)  # waits for the first bytes: errors come first
-        except Exception:
-            pipe.cancel()
-            if (failure := _stream_failure(pipe, call.context)) is not None:
-                raise failure from None
-            raise
+        started = None if params else self._started.take(_caller(call), sql,
+                                                         self.service.catalog.changes)
+        if started is not None:  # begun by its prepare: this call reads it, and records it
+            call.facts, pipe, reader = started.facts, started.pipe, started.reader
+            pipe.adopt(call.context)
+        else:
+            call.facts.sql, call.facts.format = sql, "arrow"
+            pipe = bridge.Pipe(self.loop, call.context, PIPE_BYTES, self.send_timeout)
+            pipe.start(self.service.pump(self._ask(call, sql, params), pipe, call.facts))
+            reader = None
+        if reader is None:
+            try:
+                reader = pa.ipc.open_stream(pipe)  # waits for the first bytes: errors come first
+            except Exception:
+                pipe.cancel()
+                if (failure := _stream_failure(pipe, call.context)) is not None:
+                    raise failure from None
+                raise
         call.streaming = True
         batches = _batches(reader, pipe, call)
         if _has_dictionary(reader.schema.types):
@@ -327,6 +366,12 @@ class FlightSqlServer(fl.FlightServerBase):
     @staticmethod
     def _info(descriptor, ticket: bytes, schema: pa.Schema | None) -> fl.FlightInfo:
         return fl.FlightInfo(schema, descriptor, [fl.FlightEndpoint(ticket, [])], -1, -1)
+
+
+def _caller(call: Call) -> tuple:
+    """One client connection with one token."""
+    token = call.facts.token
+    return call.context.peer(), token.name if token is not None else None
 
 
 def _unpack(call: Call, data) -> tuple[str, bytes]:
