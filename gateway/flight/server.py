@@ -290,13 +290,18 @@ class FlightSqlServer(fl.FlightServerBase):
                 self._schemas.popitem(last=False)
         return schema
 
+    def _pipe(self, call: Call, sql: str, params, facts: RequestFacts) -> bridge.Pipe:
+        """The statement's result, started: the loop pumps it into the pipe."""
+        facts.sql, facts.format = sql, "arrow"
+        pipe = bridge.Pipe(self.loop, call.context, PIPE_BYTES, self.send_timeout)
+        pipe.start(self.service.pump(self._ask(call, sql, params, facts), pipe, facts))
+        return pipe
+
     def _start(self, call: Call, sql: str, changes: int) -> pa.Schema | None:
         """Start the statement for the DoGet that follows; its schema, if its first bytes come
         within SCHEMA_WAIT_S (else it keeps running, and None)."""
         facts = self.service.facts(call.facts.token)
-        facts.sql, facts.format = sql, "arrow"
-        pipe = bridge.Pipe(self.loop, call.context, PIPE_BYTES, self.send_timeout)
-        pipe.start(self.service.pump(self._ask(call, sql, None, facts), pipe, facts))
+        pipe = self._pipe(call, sql, None, facts)
         started = Started(pipe, facts, changes)
         if pipe.started(SCHEMA_WAIT_S):
             try:
@@ -317,10 +322,7 @@ class FlightSqlServer(fl.FlightServerBase):
             call.facts, pipe, reader = started.facts, started.pipe, started.reader
             pipe.adopt(call.context)
         else:
-            call.facts.sql, call.facts.format = sql, "arrow"
-            pipe = bridge.Pipe(self.loop, call.context, PIPE_BYTES, self.send_timeout)
-            pipe.start(self.service.pump(self._ask(call, sql, params), pipe, call.facts))
-            reader = None
+            pipe, reader = self._pipe(call, sql, params, call.facts), None
         if reader is None:
             try:
                 reader = pa.ipc.open_stream(pipe)  # waits for the first bytes: errors come first
