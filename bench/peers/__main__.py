@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import sys
 import tempfile
@@ -29,8 +28,6 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
-
-import psutil
 
 from bench.common import RESULTS, raise_on_stop_signals
 from bench.answers import Reference
@@ -56,11 +53,6 @@ def plan(mode: str) -> dict:
     return {"concurrencies": [1, 8, 32, 64], "duration": 6.0, "runs": 3, "large_runs": 3,
             "large_rows": [1_000_000, 10_000_000], "json_max_rows": 10_000_000, "tpch_sf": 1,
             "tpch_runs": 3, "probe_s": 3.0, "double_fleets": True}
-
-
-def arc_memory_limit(workers: int) -> str:
-    """Arc's documented formula: memory_limit = RAM * 0.7 / workers."""
-    return f"{int(psutil.virtual_memory().total * 0.7 / workers / 2**20)}MB"
 
 
 @dataclass(frozen=True)
@@ -94,10 +86,10 @@ def demo_peers(tmp: Path, data: Path, cores: int, workers: int, double_fleets: b
         Spec("arc-shipped", lambda: servers.arc_tier("arc-shipped", tmp, boot, 3 * cores, 5, cores)),
         # Arc as its production guide prescribes: pool 1, threads 1, RAM*0.7/workers.
         Spec("arc-documented", lambda: servers.arc_tier("arc-documented", tmp, boot, workers, 1, 1,
-                                                        arc_memory_limit(workers))),
+                                                        servers.arc_memory_limit(workers))),
         # The same, with the query cache the same guide prescribes (TTL 60 s, in each worker).
         Spec("arc-documented-cache", lambda: servers.arc_tier(
-            "arc-documented-cache", tmp, boot, workers, 1, 1, arc_memory_limit(workers),
+            "arc-documented-cache", tmp, boot, workers, 1, 1, servers.arc_memory_limit(workers),
             cache_ttl=ARC_CACHE_TTL_S), large=False),
         Spec("quack", lambda: servers.quack("quack", tmp, boot, cores)),
         Spec("in-process", lambda: servers.in_process("in-process", boot, cores)),
@@ -138,34 +130,19 @@ def _demo_peer(spec: Spec, cfg: dict, segments, reference, only: set, out: dict)
     want_large = "large" in only and spec.large
     if not (want_dash or want_large):
         return
-    print(f"[peers] {name}", flush=True)
-    try:
-        with spec.start() as peer:
-            if name.startswith("duckfleet"):
-                out["fleet_pids"] += peer.pids
-            if want_dash:
-                out["dashboard"][name] = workloads.dashboard(peer, segments, cfg["duration"], reference, mixcheck.warm_queries())
-                out["dashboard"][name]["notes"] = peer.notes
-                out["dashboard"][name]["rss_before_mb"] = peer.rss_before_mb
-            if want_large:
-                out["large"][name] = workloads.large_results(peer, cfg["large_runs"], cfg["large_rows"],
-                                                             cfg["json_max_rows"])
-            if name == "quack" and want_dash:
-                out["quack_attach"] = attach_probe(peer, cfg["probe_s"])
-    except Exception as exc:  # a peer that cannot start or be measured is reported (verdict.py)
-        out["unavailable"][name] = _first_error_line(exc)
-        print(f"[peers] {name}: unavailable: {out['unavailable'][name]}", flush=True)
 
+    def measure(peer) -> None:
+        if want_dash:
+            out["dashboard"][name] = workloads.dashboard(peer, segments, cfg["duration"], reference, mixcheck.warm_queries())
+            out["dashboard"][name]["notes"] = peer.notes
+            out["dashboard"][name]["rss_before_mb"] = peer.rss_before_mb
+        if want_large:
+            out["large"][name] = workloads.large_results(peer, cfg["large_runs"], cfg["large_rows"],
+                                                         cfg["json_max_rows"])
+        if name == "quack" and want_dash:
+            out["quack_attach"] = attach_probe(peer, cfg["probe_s"])
 
-def _first_error_line(exc: Exception) -> str:
-    """The error a server logged as it refused to start (a JSON log line), else the first line."""
-    text = str(exc)
-    for line in text.splitlines():
-        with contextlib.suppress(ValueError, AttributeError):
-            record = json.loads(line)
-            if record.get("error"):
-                return str(record["error"])[:300]
-    return (text.splitlines() or [type(exc).__name__])[0][:300]
+    servers.measure_peer(name, spec.start, out, measure)
 
 
 def run_tpch(tmp: Path, cfg: dict, cores: int, workers: int, out: dict) -> None:
@@ -184,18 +161,14 @@ def run_tpch(tmp: Path, cfg: dict, cores: int, workers: int, out: dict) -> None:
             (f"duckfleet-w{workers}", lambda: servers.duckfleet(f"tpch-duckfleet-w{workers}", tmp, data,
                                                                 workers, fleet_config)),
             ("arc-documented", lambda: servers.arc_tier("tpch-arc-documented", tmp, boot, workers, 1, 1,
-                                                        arc_memory_limit(workers))),
+                                                        servers.arc_memory_limit(workers))),
             ("quack", lambda: servers.quack("tpch-quack", tmp, boot, cores)),
         ]
         for name, start in peers:
-            print(f"[peers] tpch {name}", flush=True)
-            try:
-                with start() as peer:
-                    if name.startswith("duckfleet"):
-                        out["fleet_pids"] += peer.pids
-                    out["tpch"]["peers"][name] = tpch.run(peer, queries, reference, cfg["tpch_runs"])
-            except Exception as exc:
-                out["unavailable"][f"tpch {name}"] = _first_error_line(exc)
+            def measure(peer) -> None:
+                out["tpch"]["peers"][name] = tpch.run(peer, queries, reference, cfg["tpch_runs"])
+
+            servers.measure_peer(name, start, out, measure, "tpch")
 
 
 def main(argv=None) -> int:

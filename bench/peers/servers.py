@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import http.client
+import json
 import os
 import shutil
 import signal
@@ -175,6 +176,11 @@ def duckfleet_flight(name: str, tmp: Path, data_dir: Path, workers: int, config:
 
 # --- Arc-style tier: Gunicorn + Uvicorn workers + FastAPI + DuckDB pools ---
 
+def arc_memory_limit(workers: int) -> str:
+    """Arc's documented formula: memory_limit = RAM * 0.7 / workers."""
+    return f"{int(psutil.virtual_memory().total * 0.7 / workers / 2**20)}MB"
+
+
 @contextlib.contextmanager
 def arc_tier(name: str, tmp: Path, boot: list[str], workers: int, pool_size: int, threads: int,
              memory_limit: str = "", prune_dir: Path | None = None, cache_ttl: float = 0):
@@ -265,6 +271,35 @@ def in_process(name: str, boot: list[str], threads: int):
 
 
 # --- hygiene ---
+
+def measure_peer(name: str, start: Callable, out: dict, measure: Callable[[Peer], None],
+                 workload: str = "") -> None:
+    """Start one peer (`start()`: a context manager giving the Peer) and measure it. A duckfleet
+    fleet's processes are kept in out["fleet_pids"] for the leftover check; a peer that cannot
+    start or be measured is reported in out["unavailable"] under "<workload> <name>"
+    (verdict.py), not raised."""
+    label = f"{workload} {name}".strip()
+    print(f"[peers] {label}", flush=True)
+    try:
+        with start() as peer:
+            if name.startswith("duckfleet"):
+                out["fleet_pids"] += peer.pids
+            measure(peer)
+    except Exception as exc:
+        out["unavailable"][label] = first_error_line(exc)
+        print(f"[peers] {label}: unavailable: {out['unavailable'][label]}", flush=True)
+
+
+def first_error_line(exc: Exception) -> str:
+    """The error a server logged as it refused to start (a JSON log line), else the first line."""
+    text = str(exc)
+    for line in text.splitlines():
+        with contextlib.suppress(ValueError, AttributeError):
+            record = json.loads(line)
+            if record.get("error"):
+                return str(record["error"])[:300]
+    return (text.splitlines() or [type(exc).__name__])[0][:300]
+
 
 def leftovers(fleet_pids: list[int]) -> dict:
     """What a run left behind: live descendants of this process, and segments of the fleets

@@ -111,26 +111,21 @@ def run(tmp: Path, mode: str, workers: int, out: dict) -> None:
     result["answers_expected"] = reference.expect(mixcheck.to_expect(
         [s for by_spelling in spelled.values() for s in by_spelling], warm_sql))
     result["reference_s"] = round(time.perf_counter() - started, 1)
-    from bench.peers.__main__ import arc_memory_limit  # noqa: PLC0415 (one formula, one place)
     peers = [
         (f"duckfleet-w{workers}", lambda: servers.duckfleet(f"history-duckfleet-w{workers}", tmp, data,
                                                             workers, boot_timeout=BOOT_TIMEOUT_S)),
         ("arc-documented", lambda: servers.arc_tier("history-arc-documented", tmp, boot, workers, 1, 1,
-                                                    arc_memory_limit(workers))),
+                                                    servers.arc_memory_limit(workers))),
         ("arc-documented-regex-pruning", lambda: servers.arc_tier(
-            "history-arc-regex", tmp, boot, workers, 1, 1, arc_memory_limit(workers), prune_dir=data)),
+            "history-arc-regex", tmp, boot, workers, 1, 1, servers.arc_memory_limit(workers), prune_dir=data)),
     ]
     try:
         for name, start in peers:
-            print(f"[peers] history {name}", flush=True)
-            try:
-                with start() as peer:
-                    if name.startswith("duckfleet"):
-                        out["fleet_pids"] += peer.pids
-                    result["peers"][name] = measure(peer, spelled, warm_sql, reference, end, cfg)
-                    result["peers"][name]["notes"] = peer.notes
-            except Exception as exc:
-                out["unavailable"][f"history {name}"] = str(exc).splitlines()[0][:300] if str(exc) else repr(exc)
+            def measured(peer) -> None:
+                result["peers"][name] = measure(peer, spelled, warm_sql, reference, end, cfg)
+                result["peers"][name]["notes"] = peer.notes
+
+            servers.measure_peer(name, start, out, measured, "history")
     finally:
         reference.close()
 
