@@ -22,14 +22,11 @@ from __future__ import annotations
 
 from engine.config import CatalogConfig
 from engine.index import table_keys
+from engine.sqltree import literal
 
 
 def quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
-
-
-def _literal(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
 
 
 def databases(data_dir: str, keys: list[str] | None = None) -> dict[str, list[str]]:
@@ -67,12 +64,12 @@ def boot_statements(catalog: CatalogConfig, scope: list[str] | None = None,
             files = f"{catalog.data_dir}/{db}/{m}/**/*.parquet"
             by_name = ", union_by_name = true" if evolved is None or f"{db}/{m}" in evolved else ""
             statements.append(f"CREATE VIEW {quote_ident(db)}.{quote_ident(m)} AS "
-                              f"SELECT * FROM read_parquet({_literal(files)}{by_name})")
+                              f"SELECT * FROM read_parquet({literal(files)}{by_name})")
     for name, path in catalog.databases.items():
         if _in_scope(name, scope):
-            statements.append(f"ATTACH {_literal(path)} AS {quote_ident(name)} (READ_ONLY)")
+            statements.append(f"ATTACH {literal(path)} AS {quote_ident(name)} (READ_ONLY)")
     search = [catalog.default_database] if catalog.default_database in found else []
-    statements.append(f"SET search_path = {_literal(','.join([*search, 'main']))}")
+    statements.append(f"SET search_path = {literal(','.join([*search, 'main']))}")
     return statements
 
 

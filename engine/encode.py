@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 
 from engine.catalog import quote_ident
 from engine.errors import Kind, QueryError
-from engine.sqltree import subquery
+from engine.sqltree import literal, subquery
 
 _ISO = "'%Y-%m-%dT%H:%M:%S.%f'"
 _TIMESTAMPS = {"timestamp", "timestamp_s", "timestamp_ms", "timestamp_ns"}
@@ -59,8 +59,7 @@ def json_value(x: str, t: duckdb.DuckDBPyType, depth: int = 0) -> str:
             return f"to_json(list_transform({x}, lambda {var}: {inner}))"
     elif kind == "struct":
         fields = ", ".join(
-            f"'{name.replace(chr(39), chr(39) * 2)}', "
-            + json_value(f"struct_extract({x}, '{name.replace(chr(39), chr(39) * 2)}')", ft, depth + 1)
+            f"{literal(name)}, " + json_value(f"struct_extract({x}, {literal(name)})", ft, depth + 1)
             for name, ft in t.children)
         return f"CASE WHEN {x} IS NULL THEN NULL ELSE json_object({fields}) END"
     elif kind == "map":
@@ -191,7 +190,7 @@ def _json_select(columns, types) -> str:
 
 
 def _ndjson_select(columns, types) -> str:
-    pairs = ", ".join(f"'{_sql_str(name)}', {json_value(f'#{i}', t)}"
+    pairs = ", ".join(f"{literal(name)}, {json_value(f'#{i}', t)}"
                       for i, (name, t) in enumerate(zip(columns, types), 1))
     return f"json_object({pairs})::VARCHAR || chr(10)"
 
@@ -224,10 +223,6 @@ def _tallied(reader, tally: Tally):
     for batch in reader:
         yield batch
         tally.rows += batch.num_rows
-
-
-def _sql_str(text: str) -> str:
-    return text.replace("'", "''")
 
 
 def _write_arrow(reader, sink, tally: Tally) -> None:

@@ -27,6 +27,7 @@ import duckdb
 from engine.config import S3Config
 from engine.extensions import extension_path
 from engine.errors import Kind, QueryError
+from engine.sqltree import literal
 
 SECRET_NAME = "duckfleet_storage"
 # Objects are immutable in Arc's layout (new data, new keys; compaction writes new keys and
@@ -140,10 +141,6 @@ class Store:
 
 # --- DuckDB ---
 
-def _literal(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
-
-
 def attach_storage(con: duckdb.DuckDBPyConnection, data_dir: str, s3: S3Config) -> None:
     """httpfs and the credentials, before the sandbox locks (the lock forbids both after)."""
     con.load_extension(extension_path("httpfs"))
@@ -153,7 +150,7 @@ def attach_storage(con: duckdb.DuckDBPyConnection, data_dir: str, s3: S3Config) 
         fields.update(KEY_ID=s3.key_id, SECRET=s3.secret)
     if s3.session_token:
         fields["SESSION_TOKEN"] = s3.session_token
-    options = ", ".join(f"{k} {_literal(v)}" for k, v in fields.items() if v)
+    options = ", ".join(f"{k} {literal(v)}" for k, v in fields.items() if v)
     con.execute(f"CREATE TEMPORARY SECRET {SECRET_NAME} (TYPE s3, {options}, "
                 f"USE_SSL {'true' if s3.use_ssl else 'false'})")
     for name, value in CACHED.items():

@@ -18,18 +18,15 @@ import duckdb
 
 from bench.common import RESULTS
 from engine.extensions import load
+from engine.sqltree import literal
 
 DEMO_TABLES = ("cpu", "mem", "disk")
 TPCH_TABLES = ("customer", "lineitem", "nation", "orders", "part", "partsupp", "region", "supplier")
 
 
-def _sql_literal(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
-
-
 def view_statements(data_dir: Path, database: str, tables) -> list[str]:
     return [f"CREATE VIEW {t} AS SELECT * FROM read_parquet("
-            f"{_sql_literal(str(data_dir / database / t) + '/**/*.parquet')})" for t in tables]
+            f"{literal(str(data_dir / database / t) + '/**/*.parquet')})" for t in tables]
 
 
 def demo_views(data_dir: Path) -> list[str]:
@@ -56,7 +53,7 @@ def tpch_dataset(sf: float) -> tuple[Path, dict[int, str]]:
             for table in TPCH_TABLES:
                 folder = staging / "data" / "tpch" / table
                 folder.mkdir(parents=True)
-                con.execute(f"COPY {table} TO {_sql_literal(str(folder / (table + '.parquet')))} "
+                con.execute(f"COPY {table} TO {literal(str(folder / (table + '.parquet')))} "
                             "(FORMAT parquet)")
             queries = dict(con.execute("SELECT query_nr, query FROM tpch_queries()").fetchall())
             con.close()
