@@ -64,7 +64,7 @@ class Stop:
             if gateway is not None:
                 signal_child(gateway, signal.SIGUSR2)
             return
-        grace = server.shutdown_grace_s if mode == "graceful" else QUICK_GRACE_S
+        grace = self._grace()
         log.info("stopping", mode=mode, grace_s=grace)
         if self.phase == "workers":  # the gateway is gone already: hurry the workers
             self.deadline = min(self.deadline, now + grace)
@@ -88,9 +88,7 @@ class Stop:
                 if now >= self.deadline:
                     self._kill([gateway])
                 return
-            grace = self.supervisor.cfg.server.shutdown_grace_s if self.mode == "graceful" \
-                else QUICK_GRACE_S
-            self.phase, self.deadline = "workers", now + grace
+            self.phase, self.deadline = "workers", now + self._grace()
             for worker in self.supervisor.workers():
                 if worker.retired is None:
                     self.supervisor.retire(worker, "stop")
@@ -99,6 +97,11 @@ class Stop:
             self.done = True
         elif now >= self.deadline:
             self._kill(workers)
+
+    def _grace(self) -> float:
+        """How long the current mode lets in-flight queries finish."""
+        return self.supervisor.cfg.server.shutdown_grace_s if self.mode == "graceful" \
+            else QUICK_GRACE_S
 
     def _kill(self, children) -> None:
         for child in children:
