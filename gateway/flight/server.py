@@ -45,10 +45,10 @@ from gateway.flight.service import FlightService
 from gateway.flight.status import flight_error
 
 log = log_mod.get()
-PIPE_BYTES = 32 * 2**20  # result bytes waiting for a slow client, per call
 # gRPC clients refuse messages over 16 MiB by default (the Go driver behind ADBC does): a
 # larger batch of the worker's (wide rows) goes out in slices of about this much (no copy).
 MESSAGE_BYTES = 8 * 2**20
+END_WAIT_S = 5.0  # after the last batch, for the query's own end (its rows, its error)
 SCHEMA_WAIT_S = 1.0  # a prepare waits this long for a started query's schema, then describes it
 SCHEMAS_KEPT = 4096
 WRITES = ("CommandStatementUpdate", "CommandPreparedStatementUpdate", "CommandStatementIngest")
@@ -293,7 +293,7 @@ class FlightSqlServer(fl.FlightServerBase):
     def _pipe(self, call: Call, sql: str, params, facts: RequestFacts) -> bridge.Pipe:
         """The statement's result, started: the loop pumps it into the pipe."""
         facts.sql, facts.format = sql, "arrow"
-        pipe = bridge.Pipe(self.loop, call.context, PIPE_BYTES, self.send_timeout)
+        pipe = bridge.Pipe(self.loop, call.context, self.send_timeout)
         pipe.start(self.service.pump(self._ask(call, sql, params, facts), pipe, facts))
         return pipe
 
@@ -396,6 +396,7 @@ def _batches(reader: pa.RecordBatchStreamReader, pipe: bridge.Pipe, call: Call):
             step = -(-batch.num_rows // parts)
             for start in range(0, batch.num_rows, step):
                 yield batch.slice(start, step)
+        pipe.ended(END_WAIT_S)
     except Exception:
         failed = True  # the stream ended early: the pipe or the call says why
     except GeneratorExit:

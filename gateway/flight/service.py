@@ -67,9 +67,13 @@ class FlightService:
         error: BaseException | None = None
         try:
             async with self.runner.run(ask) as result:
-                async for piece in result:
-                    async for buf in piece.buffers():
-                        await pipe.feed(bytes(buf))  # the segment is reused after this
+                try:
+                    async for piece in result:
+                        async for buf in piece.buffers():
+                            pipe.feed(buf)
+                        await pipe.drained()  # the next piece may reuse this one's segment
+                finally:
+                    pipe.withdraw()
                 facts.note(result)
         except QueryError as exc:
             error = exc
