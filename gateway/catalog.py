@@ -38,7 +38,7 @@ import msgspec
 from engine import index as index_mod, log as log_mod, objectstore, sandbox
 from engine.config import CatalogConfig, S3Config, is_remote
 from engine.sqltree import decode_tree, fill, parse_tree
-from gateway import prune, tables as tables_mod
+from gateway import bounds, prune, tables as tables_mod
 from gateway.sqlkey import Analysis, SqlAnalyzer
 from gateway.listing import ListingWatcher
 from gateway.tables import TableFiles
@@ -74,6 +74,8 @@ class Template:
     run_sql: str | None = None           # the rewrite, with markers
     clocked: bool = False                # the bounds or the rewrite hold the request's instant
     values: list | None = None           # the bounds, when they do not depend on the clock
+    consts: list = dataclasses.field(default_factory=list)  # the bounds' expressions
+    quick: bool = False                  # gateway/bounds.py evaluates them: filled on the loop
 
 
 class Catalog:
@@ -241,7 +243,8 @@ class Catalog:
             self.poll()
             memo = self._plans.get(key)
             if memo is not None and memo[0] == self.generation and self.applied == self.changes:
-                plan = memo[1]
+                # a plan, or a clocked template whose bounds Python evaluates for this instant
+                plan = memo[1] if isinstance(memo[1], Plan) else self._fill(memo[1], sql)
                 break
             changes = self.changes
             plan = await self._run(self._plan, sql, scope, key)
@@ -271,14 +274,15 @@ class Catalog:
         else:
             self._templates.move_to_end((key, self.version))
         plan = self._fill(template, sql)
-        if not template.clocked:
+        if not template.clocked or template.quick:
             if len(self._plans) >= PLAN_MEMO:
                 self._plans.clear()
-            self._plans[key] = (self.generation, plan)
+            self._plans[key] = (self.generation, template if template.clocked else plan)
         return plan
 
     def _fill(self, template: Template, sql: str) -> Plan:
-        """This request's plan: evaluate the bounds now, choose files, fill in the markers."""
+        """This request's plan: evaluate the bounds now, choose files, fill in the markers.
+        On the loop for a quick template (no DuckDB call), else on the planning thread."""
         seen = tuple(template.seen)
         scanned = sum(len(self.tables[key].files) for key in seen if key in self.tables)
 
@@ -291,7 +295,7 @@ class Catalog:
         instants = self._instant() if template.clocked else {}
         values = template.values
         if values is None:
-            values = self._evaluate(template.bounds_sql, instants)
+            values = self._evaluate(template, instants)
         fills: dict[str, str | list[str]] = dict(instants)
         pruned = 0
         for n, (table_key, terms) in enumerate(template.refs):
@@ -324,8 +328,10 @@ class Catalog:
         template.refs = [(ref.table.key.casefold(), ref.terms) for ref in collector.refs]
         template.bounds_sql, template.run_sql = bounds_sql, run_sql
         template.clocked = clocked  # the request's instant is in the bounds or the rewrite
+        template.consts = collector.consts
+        template.quick = bounds.evaluate(collector.consts, self._instant()) is not None
         if f"{self._mark}_now" not in bounds_sql:  # bounds that do not move: evaluated once
-            template.values = self._evaluate(bounds_sql, {})
+            template.values = self._evaluate(template, {})
         return template
 
     def _collect(self, tree: dict, scope: list[str] | None) -> prune.Collector:
@@ -402,10 +408,13 @@ class Catalog:
             for i in range(len(consts)))
         return f"SELECT {outer} FROM ({inner})", text
 
-    def _evaluate(self, bounds_sql: str, instants: dict[str, str]) -> list | None:
-        """Every bound as microseconds (None: SQL NULL); None if DuckDB refuses them."""
+    def _evaluate(self, template: Template, instants: dict[str, str]) -> list | None:
+        """Every bound as microseconds (None: SQL NULL); None if DuckDB refuses them. The
+        common forms in Python (gateway/bounds.py), the others in DuckDB."""
+        if template.quick:
+            return bounds.evaluate(template.consts, instants)
         try:
-            return list(self._con.execute(fill(bounds_sql, instants)).fetchone())
+            return list(self._con.execute(fill(template.bounds_sql, instants)).fetchone())
         except duckdb.Error:
             return None
 
