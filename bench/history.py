@@ -18,7 +18,9 @@ links to the same files of its last 168 hours. Over each, a duckfleet of `--work
    processes as workers, no HTTP, no client): over views of the glob, as bench.peers runs it,
    and over exactly the hour files each window needs.
 4. TPC-H (SF1; `--quick` SF 0.1): the 22 queries through duckfleet and in in-process DuckDB
-   (threads=1), the same number of runs each after one warm pass each, every result compared.
+   (threads=1), one warm pass each, then the same timed passes interleaved query by query
+   (bench/peers/tpch.py side_by_side: the machine's drift moves both alike), every result
+   compared.
 
 Answers are checked: each panel once at warm-up, then every 10th request of each client and
 the first of every panel in each run, kept and compared after its run with in-process DuckDB over tables loaded from
@@ -339,10 +341,10 @@ def run_tpch(tmp: Path, cfg: dict, workers: int, out: dict) -> dict:
     with servers.in_process("in-process-1thread", tpch_views(data), 1) as ref_peer:
         print("[history] tpch: in-process, threads=1", flush=True)
         reference = tpch.reference_tables(ref_peer, queries)  # its warm pass
-        result["in_process_1thread"] = tpch.run(ref_peer, queries, reference, cfg["tpch_runs"], warm=False)
-        print("[history] tpch: duckfleet", flush=True)
+        print("[history] tpch: duckfleet beside in-process, query by query", flush=True)
         with fleet("duckfleet-tpch", tmp, data, workers, cfg["boot_timeout_s"], out, TPCH_CONFIG) as server:
-            result["duckfleet"] = tpch.run(_peer(server), queries, reference, cfg["tpch_runs"])
+            result["duckfleet"], result["in_process_1thread"] = tpch.side_by_side(
+                [_peer(server), ref_peer], queries, reference, cfg["tpch_runs"])
     fleet_run = result["duckfleet"]
     for r in (result["in_process_1thread"], fleet_run):
         r.pop("per_query_s", None)

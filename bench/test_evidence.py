@@ -161,3 +161,20 @@ def test_arc_cache_evicts_the_least_recent_and_keeps_no_large_body():
     expired = QueryCache(ttl=-1, max_size=2, max_bytes=10)
     expired.put("a", b"1")
     assert expired.get("a") is None
+
+
+def test_tpch_side_by_side_interleaves_the_timed_passes_query_by_query():
+    """A ratio of two peers' totals holds on a machine that drifts: each query runs on both in
+    turn, in every timed pass."""
+    queries = {1: "SELECT 1 AS x", 2: "SELECT 2 AS y"}
+    con, seen = duckdb.connect(), []
+    try:
+        def peer(name):
+            return Peer(name, "duckdb", con=con, sql_for=lambda sql: seen.append((name, sql)) or sql)
+        reference = tpch.reference_tables(Peer("ref", "duckdb", con=con), queries)
+        a, b = tpch.side_by_side([peer("a"), peer("b")], queries, reference, runs=2, warm=False)
+        timed = seen[:8]  # the concurrent passes follow
+        assert timed == [(name, sql) for _ in range(2) for sql in queries.values() for name in "ab"]
+        assert a["complete"] and b["complete"] and len(a["sequential_runs"]) == 2
+    finally:
+        con.close()

@@ -7,7 +7,8 @@ a mismatch and fails the run.
 
 Every peer gets the same treatment (`run`): one untimed warm pass, checked (the reference's own
 peer has had it: the pass that made the reference), then `runs` timed sequential passes and one
-pass at CONCURRENCY; the statistic is the median of the passes' totals. A query that errors
+pass at CONCURRENCY; the statistic is the median of the passes' totals. Two peers whose ratio
+is a target run `side_by_side`: their timed passes interleaved, query by query. A query that errors
 (Arc's pool timeout, a Quack transport error) is a failure: its pass has no total (None, shown
 as failed), never a total without that query's time.
 """
@@ -69,41 +70,58 @@ def run(peer: Peer, queries: dict[int, str], reference: dict[int, pa.Table], run
         warm: bool = True) -> dict:
     """A warm pass (unless the peer made the reference), `runs` timed sequential passes (the
     median of their totals, None when any pass had an error) and one pass at CONCURRENCY."""
-    errors, mismatches = [], []
+    return side_by_side([peer], queries, reference, runs, warm)[0]
 
-    def record(r: dict, phase: str) -> None:
+
+def side_by_side(peers: list[Peer], queries: dict[int, str], reference: dict[int, pa.Table],
+                 runs: int, warm: bool = True) -> list[dict]:
+    """`run` for several peers at once: their timed passes interleaved query by query (each
+    query on every peer in turn), so a machine that speeds up or slows down meanwhile moves
+    every peer's total alike and their ratio holds."""
+    errors: list[list] = [[] for _ in peers]
+    mismatches: list[list] = [[] for _ in peers]
+
+    def record(i: int, r: dict, phase: str) -> None:
         if "error" in r:
-            errors.append({**r, "phase": phase})
+            errors[i].append({**r, "phase": phase})
         elif r["mismatch"]:
-            mismatches.append({"query": r["query"], "mismatch": r["mismatch"], "phase": phase})
+            mismatches[i].append({"query": r["query"], "mismatch": r["mismatch"], "phase": phase})
 
     if warm:
-        for number, sql in queries.items():
-            record(_one(peer, number, sql, reference), "warm")
-    totals, per_query = [], {}
+        for i, peer in enumerate(peers):
+            for number, sql in queries.items():
+                record(i, _one(peer, number, sql, reference), "warm")
+    totals: list[list] = [[] for _ in peers]
+    per_query: list[dict] = [{} for _ in peers]
     for n in range(runs):
-        total, failed = 0.0, False
+        total, failed = [0.0] * len(peers), [False] * len(peers)
         for number, sql in queries.items():
-            r = _one(peer, number, sql, reference)
-            record(r, f"run {n + 1}")
-            if "error" in r:
-                failed = True
-                continue
-            total += r["seconds"]
-            per_query.setdefault(number, []).append(r["seconds"])
-        totals.append(None if failed else total)
-    started = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(CONCURRENCY) as pool:
-        parallel = list(pool.map(lambda item: _one(peer, *item, reference), queries.items()))
-    wall = time.perf_counter() - started
-    for r in parallel:
-        record(r, f"c={CONCURRENCY}")
-    return {"sequential_total_s": None if None in totals else statistics.median(totals),
-            "sequential_runs": totals, "warm_pass": warm,
+            for i, peer in enumerate(peers):
+                r = _one(peer, number, sql, reference)
+                record(i, r, f"run {n + 1}")
+                if "error" in r:
+                    failed[i] = True
+                    continue
+                total[i] += r["seconds"]
+                per_query[i].setdefault(number, []).append(r["seconds"])
+        for i in range(len(peers)):
+            totals[i].append(None if failed[i] else total[i])
+    results = []
+    for i, peer in enumerate(peers):
+        started = time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(CONCURRENCY) as pool:
+            parallel = list(pool.map(lambda item: _one(peer, *item, reference), queries.items()))
+        wall = time.perf_counter() - started
+        for r in parallel:
+            record(i, r, f"c={CONCURRENCY}")
+        results.append({
+            "sequential_total_s": None if None in totals[i] else statistics.median(totals[i]),
+            "sequential_runs": totals[i], "warm_pass": warm,
             "concurrent_wall_s": None if any("error" in r for r in parallel) else wall,
             "concurrency": CONCURRENCY,
-            "per_query_s": {str(n): statistics.median(t) for n, t in per_query.items()},
-            "errors": errors, "mismatches": mismatches, "complete": not errors}
+            "per_query_s": {str(n): statistics.median(t) for n, t in per_query[i].items()},
+            "errors": errors[i], "mismatches": mismatches[i], "complete": not errors[i]})
+    return results
 
 
 def reference_tables(peer: Peer, queries: dict[int, str]) -> dict[int, pa.Table]:
