@@ -46,6 +46,7 @@ from gateway.watch import DataWatcher
 
 log = log_mod.get()
 PLAN_MEMO = 4096
+PATTERN_TEMPLATES = 8  # per pattern: its texts' strings outside the bounds (a bucket width...)
 REPLANS = 5  # files changing faster than this many plans: the last one runs
 
 
@@ -64,18 +65,27 @@ class Plan:
 
 @dataclass
 class Template:
-    """What planning learns once per SQL text and scope (and table set): the prunable
+    """What planning learns once per statement pattern and scope (and table set): the prunable
     references, the SQL that evaluates their bounds and the rewritten text, with markers where
-    each request puts its instant and each reference its files."""
-    analysis: Analysis
+    each request puts its instant, each reference its files, and each text the strings of its
+    bounds (prune.pattern: texts that differ only there share a template)."""
     seen: list[str]                      # table keys of every Arc table reference
     refs: list[tuple[str, list]]         # (table key, predicate terms) per rewritten reference
     bounds_sql: str | None = None        # evaluates every bound, as microseconds
     run_sql: str | None = None           # the rewrite, with markers
     clocked: bool = False                # the bounds or the rewrite hold the request's instant
-    values: list | None = None           # the bounds, when they do not depend on the clock
     consts: list = dataclasses.field(default_factory=list)  # the bounds' expressions
     quick: bool = False                  # gateway/bounds.py evaluates them: filled on the loop
+    markers: dict[int, str] = dataclasses.field(default_factory=dict)  # string # -> marker
+    strings: list[str] = dataclasses.field(default_factory=list)  # the first text's strings
+
+
+@dataclass(frozen=True)
+class Text:
+    """One SQL text and scope: its analysis, its template and its strings for the markers."""
+    analysis: Analysis
+    template: Template
+    fills: dict[str, str]
 
 
 class Catalog:
@@ -85,6 +95,7 @@ class Catalog:
         self.watcher: DataWatcher | ListingWatcher | None = None
         self.s3 = s3
         self.scanned_total = self.pruned_total = 0
+        self.templates_built = 0  # plans learnt from scratch (a new pattern of statement)
         self.changes = 0  # change reports heard (on the loop): a plan made across one is redone
         self.applied = 0  # the changes the index holds (planning thread)
         # Markers in rewritten text: a random word no client can have guessed.
@@ -103,7 +114,9 @@ class Catalog:
         self.evolved: list[str] = []
         self.generation = 0    # bumps on any change of the index
         self._pending: set[str] | None = None  # changed paths; None: rescan everything
-        self._templates: collections.OrderedDict[tuple, Template] = collections.OrderedDict()
+        self._texts: collections.OrderedDict[tuple, Text] = collections.OrderedDict()
+        # pattern key -> its templates (one per set of strings outside the bounds)
+        self._patterns: collections.OrderedDict[tuple, list[Template]] = collections.OrderedDict()
         self._plans: dict[tuple, tuple[int, Plan]] = {}
         self._con: duckdb.DuckDBPyConnection | None = None
         self.analyzer: SqlAnalyzer | None = None
@@ -243,9 +256,10 @@ class Catalog:
             self.poll()
             memo = self._plans.get(key)
             if memo is not None and memo[0] == self.generation and self.applied == self.changes:
-                # a plan, or a clocked template whose bounds Python evaluates for this instant
+                # a plan, or a clocked text whose bounds Python evaluates for this instant
                 plan = memo[1] if isinstance(memo[1], Plan) else self._fill(memo[1], sql)
-                break
+                if plan is not None:
+                    break
             changes = self.changes
             plan = await self._run(self._plan, sql, scope, key)
             if self.changes == changes:
@@ -262,41 +276,44 @@ class Catalog:
 
     def _plan(self, sql: str, scope: list[str] | None, key: tuple) -> Plan:
         self._apply_pending()
-        template = self._templates.get((key, self.version))
-        if template is None:
+        text = self._texts.get((key, self.version))
+        if text is None:
             try:
-                template = self._template(sql, scope)
+                text = self._text(sql, scope)
             except RecursionError:  # deeper than the analysis itself went: run it as sent
-                template = Template(self.analyzer.analyze(sql), [], [])
-            self._templates[(key, self.version)] = template
-            if len(self._templates) > PLAN_MEMO:
-                self._templates.popitem(last=False)
+                text = Text(self.analyzer.analyze(sql), Template([], []), {})
+            _remember(self._texts, (key, self.version), text)
         else:
-            self._templates.move_to_end((key, self.version))
-        plan = self._fill(template, sql)
-        if not template.clocked or template.quick:
+            self._texts.move_to_end((key, self.version))
+        plan = self._fill(text, sql, here=False)
+        if not text.template.clocked or text.template.quick:
             if len(self._plans) >= PLAN_MEMO:
                 self._plans.clear()
-            self._plans[key] = (self.generation, template if template.clocked else plan)
+            self._plans[key] = (self.generation, text if text.template.clocked else plan)
         return plan
 
-    def _fill(self, template: Template, sql: str) -> Plan:
+    def _fill(self, text: Text, sql: str, here: bool = True) -> Plan | None:
         """This request's plan: evaluate the bounds now, choose files, fill in the markers.
-        On the loop for a quick template (no DuckDB call), else on the planning thread."""
+        `here`: on the loop, where only Python evaluates bounds (None if it cannot); else on
+        the planning thread, where DuckDB evaluates the forms Python does not."""
+        template = text.template
         seen = tuple(template.seen)
         scanned = sum(len(self.tables[key].files) for key in seen if key in self.tables)
 
         def made(run: str, pruned: int = 0, fills: dict | None = None) -> Plan:
-            return Plan(template.analysis, run, scanned - pruned, pruned, self.version, seen,
+            return Plan(text.analysis, run, scanned - pruned, pruned, self.version, seen,
                         self.evolved, fills=fills)
 
         if template.run_sql is None:
             return made(sql)
-        instants = self._instant() if template.clocked else {}
-        values = template.values
+        fills: dict[str, str | list[str]] = dict(text.fills)
+        if template.clocked:
+            fills.update(self._instant())
+        values = bounds.evaluate(template.consts, fills) if template.quick else None
         if values is None:
-            values = self._evaluate(template, instants)
-        fills: dict[str, str | list[str]] = dict(instants)
+            if here:
+                return None
+            values = self._evaluate(template.bounds_sql, fills)
         pruned = 0
         for n, (table_key, terms) in enumerate(template.refs):
             table = self.tables.get(table_key)
@@ -310,28 +327,53 @@ class Catalog:
             return made(sql)
         return made(template.run_sql, pruned, fills)  # the worker fills it in (engine/sqltree.py)
 
-    def _template(self, sql: str, scope: list[str] | None) -> Template:
+    def _text(self, sql: str, scope: list[str] | None) -> Text:
+        """The text's template: the one of its pattern, if the strings outside its bounds are
+        the same too, else a new one."""
         analysis = self.analyzer.analyze(sql)
-        if analysis.tree is None:
-            return Template(analysis, [], [])
-        tree = msgspec.json.decode(msgspec.json.encode(analysis.tree))  # a private copy
+        if analysis.tree is None or self._mark in sql:
+            return Text(analysis, Template([], []), {})
+        key, values = prune.pattern(analysis.tree)
+        key = (key, tuple(scope) if scope is not None else None, self.version)
+        known = self._patterns.get(key, [])
+        template = next((t for t in known if all(
+            values[i] == value for i, value in enumerate(t.strings) if i not in t.markers)), None)
+        if template is None:
+            template = self._template(analysis.tree, values, scope, sql)
+            known = [template, *known[:PATTERN_TEMPLATES - 1]]
+        _remember(self._patterns, key, known)
+        return Text(analysis, template, {marker: values[i]
+                                         for i, marker in template.markers.items()})
+
+    def _template(self, statement: dict, values: list[str], scope: list[str] | None,
+                  sql: str) -> Template:
+        self.templates_built += 1
+        tree = msgspec.json.decode(msgspec.json.encode(statement))  # a private copy
+        originals = prune.strings(tree)  # numbered as prune.pattern numbers them
         clocked = prune.substitute_now(tree, self._now_markers())
         collector = self._collect(tree, scope)
-        template = Template(analysis, [t.key.casefold() for _, t in collector.seen], [])
-        if not collector.refs or not collector.consts or self._mark in sql:
+        template = Template([t.key.casefold() for _, t in collector.seen], [])
+        if not collector.refs or not collector.consts:
             return template
+        # The strings of the bounds become markers: each text of the pattern fills its own.
+        number = {id(node): i for i, node in enumerate(originals)}
+        for expr, _ in collector.consts:
+            for node in prune.strings(expr):
+                if id(node) in number:
+                    template.markers[number[id(node)]] = f"{self._mark}_s{number[id(node)]}"
+                    node["value"]["value"] = template.markers[number[id(node)]]
+        template.strings = [node["value"]["value"] for node in originals]
         for n, ref in enumerate(collector.refs):
             self._replace(ref.node, f"{self._mark}_files_{n}", ref.table.evolved)
-        bounds_sql, run_sql = self._texts(collector.consts, tree, sql)
+        bounds_sql, run_sql = self._rewrite(collector.consts, tree, sql)
         if bounds_sql is None:
             return template
         template.refs = [(ref.table.key.casefold(), ref.terms) for ref in collector.refs]
         template.bounds_sql, template.run_sql = bounds_sql, run_sql
         template.clocked = clocked  # the request's instant is in the bounds or the rewrite
         template.consts = collector.consts
-        template.quick = bounds.evaluate(collector.consts, self._instant()) is not None
-        if f"{self._mark}_now" not in bounds_sql:  # bounds that do not move: evaluated once
-            template.values = self._evaluate(template, {})
+        own = {marker: values[i] for i, marker in template.markers.items()}
+        template.quick = bounds.evaluate(collector.consts, {**own, **self._instant()}) is not None
         return template
 
     def _collect(self, tree: dict, scope: list[str] | None) -> prune.Collector:
@@ -380,8 +422,8 @@ class Catalog:
 
     # --- DuckDB: bounds, rewrites ---
 
-    def _texts(self, consts: list[tuple[dict, str]], tree: dict,
-               sql: str) -> tuple[str | None, str | None]:
+    def _rewrite(self, consts: list[tuple[dict, str]], tree: dict,
+                 sql: str) -> tuple[str | None, str | None]:
         """The SQL that evaluates the bounds, and the rewritten statement (if DuckDB parses it
         back to the same tree), from one call into DuckDB; (None, None) if it refuses either."""
         select = msgspec.json.decode(msgspec.json.encode(self._select))
@@ -408,13 +450,10 @@ class Catalog:
             for i in range(len(consts)))
         return f"SELECT {outer} FROM ({inner})", text
 
-    def _evaluate(self, template: Template, instants: dict[str, str]) -> list | None:
-        """Every bound as microseconds (None: SQL NULL); None if DuckDB refuses them. The
-        common forms in Python (gateway/bounds.py), the others in DuckDB."""
-        if template.quick:
-            return bounds.evaluate(template.consts, instants)
+    def _evaluate(self, bounds_sql: str, fills: dict[str, str]) -> list | None:
+        """Every bound as microseconds (None: SQL NULL), by DuckDB; None if it refuses them."""
         try:
-            return list(self._con.execute(fill(template.bounds_sql, instants)).fetchone())
+            return list(self._con.execute(fill(bounds_sql, fills)).fetchone())
         except duckdb.Error:
             return None
 
@@ -486,3 +525,9 @@ def _constant(text: str) -> dict:
             "value": {"type": {"id": "VARCHAR", "type_info": None}, "is_null": False,
                       "value": text}}
 
+
+def _remember(memo: collections.OrderedDict, key, value) -> None:
+    memo[key] = value
+    memo.move_to_end(key)
+    if len(memo) > PLAN_MEMO:
+        memo.popitem(last=False)

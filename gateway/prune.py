@@ -27,6 +27,8 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 
+import msgspec
+
 LOW, HIGH = -(2**63), 2**63 - 1
 INTERVALS_MAX = 256  # beyond this many disjoint ranges (a long IN list), read everything
 
@@ -255,3 +257,47 @@ def strip_locations(node):
     if isinstance(node, dict):
         return {k: strip_locations(v) for k, v in node.items() if k != "query_location"}
     return node
+
+
+def pattern(tree) -> tuple[bytes, list[str]]:
+    """The tree without source positions and without the values of its string constants (as
+    bytes, a key), and those values in the order `strings` finds their nodes: texts that
+    differ only in their timestamps share a key."""
+    values: list[str] = []
+
+    def strip(node):
+        if isinstance(node, list):
+            return [strip(item) for item in node]
+        if isinstance(node, dict):
+            if _is_string(node):  # its alias stays in the key, its value goes
+                values.append(node["value"]["value"])
+                return {k: v for k, v in node.items() if k not in ("query_location", "value")}
+            return {k: strip(v) for k, v in node.items() if k != "query_location"}
+        return node
+    return msgspec.json.encode(strip(tree)), values
+
+
+def strings(tree) -> list[dict]:
+    """The string CONSTANT nodes of a tree, in `pattern`'s order."""
+    found: list[dict] = []
+
+    def visit(node):
+        if isinstance(node, list):
+            for item in node:
+                visit(item)
+        elif isinstance(node, dict):
+            if _is_string(node):
+                found.append(node)
+            else:
+                for value in node.values():
+                    visit(value)
+    visit(tree)
+    return found
+
+
+def _is_string(node: dict) -> bool:
+    if node.get("class") != "CONSTANT":
+        return False
+    value = node.get("value")
+    return (isinstance(value, dict) and not value.get("is_null")
+            and value.get("type", {}).get("id") == "VARCHAR")

@@ -242,7 +242,8 @@ class Runner:
 
     def stats(self) -> dict:
         return {**self.streams.stats(), "queries_running": len(self.running),
-                "queries_cancelled": self.running.cancelled}
+                "queries_cancelled": self.running.cancelled,
+                "plan_templates_built": self.catalog.templates_built}
 
     @contextlib.asynccontextmanager
     async def run(self, ask: Ask):

@@ -95,6 +95,28 @@ def test_last_hour_reads_the_files_it_needs(fleet, reference):
     assert access["files_scanned"] == 2 and access["files_pruned"] == HOURS + 1 - 2
 
 
+def test_texts_that_differ_in_their_window_share_a_plan_but_not_its_bounds(fleet, reference):
+    """Dashboards send one statement with a new window each refresh: planned once per pattern
+    (gateway/prune.py pattern), each text still reads its own window's files and keeps its own
+    strings outside the bounds (a bucket width, a label)."""
+    def panel(end: dt.datetime, hours: int, bucket: str, tag: str) -> str:
+        return (f"SELECT time_bucket(INTERVAL '{bucket}', time) AS t, count(*) AS n, "
+                f"'{tag}' AS tag FROM cpu WHERE time >= TIMESTAMP '{lit(end - dt.timedelta(hours=hours))}' "
+                f"AND time < TIMESTAMP '{lit(end)}' GROUP BY t ORDER BY t")
+    old = ANCHOR - dt.timedelta(days=100)  # no late data there: one file an hour
+    scanned, built = {}, []
+    for end, hours, bucket, tag in [(old, 3, "1 hour", "a"), (old - dt.timedelta(days=7), 3, "1 hour", "a"),
+                                    (old, 6, "1 hour", "a"), (old, 3, "30 minutes", "b")]:
+        before = fleet.stats()["plan_templates_built"]
+        sql = panel(end, hours, bucket, tag)
+        assert answer(fleet, sql) == expected(reference, sql)
+        scanned[(end, hours, bucket)] = last_access(fleet)["files_scanned"]
+        built.append(fleet.stats()["plan_templates_built"] - before)
+    assert built == [1, 0, 0, 1]  # a new window costs no new plan; a new bucket width does
+    assert scanned[(old, 3, "1 hour")] == scanned[(old - dt.timedelta(days=7), 3, "1 hour")] \
+        == scanned[(old, 3, "30 minutes")] < scanned[(old, 6, "1 hour")]
+
+
 def test_relative_windows_use_one_instant(fleet, reference):
     sql = ("SELECT count(*), count(usage_idle), count(region) FROM cpu "
            "WHERE time > date_trunc('hour', now()) - INTERVAL 3 HOUR")
