@@ -16,7 +16,8 @@ links to the same files of its last 168 hours. Over each, a duckfleet of `--work
    log. Year and week use the same seeds, so they send the same kinds of windows.
 3. The in-process ceiling over the week (bench/peers/ceiling.py, as many single-threaded DuckDB
    processes as workers, no HTTP, no client): over views of the glob, as bench.peers runs it,
-   and over exactly the hour files each window needs.
+   and over exactly the hour files each window needs; half right before the week's c=32 run
+   and half right after it, so the ratios hold on a machine whose speed drifts.
 4. TPC-H (SF1; `--quick` SF 0.1): the 22 queries through duckfleet and in in-process DuckDB
    (threads=1), one warm pass each, then the same timed passes interleaved query by query
    (bench/peers/tpch.py side_by_side: the machine's drift moves both alike), every result
@@ -46,6 +47,7 @@ import time
 import traceback
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Callable
 
 import duckdb
 import psutil
@@ -284,7 +286,10 @@ def warm(server: Server, config: MixConfig, reference: Reference, out: dict, lab
 
 
 def dataset_runs(name: str, tmp: Path, data: Path, config: MixConfig, end: datetime, cfg: dict,
-                 workers: int, out: dict) -> dict:
+                 workers: int, out: dict, ceilings: Callable[[float], dict] | None = None) -> dict:
+    """`ceilings(duration)`, if given, measures the in-process ceilings for half the mix's
+    duration right before its c=32 run and again right after (the fleet idle): their ratio to
+    it then holds on a machine whose speed drifts (result["ceiling"])."""
     print(f"[history] {name}: starting duckfleet, loading the reference", flush=True)
     result = {}
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
@@ -301,15 +306,30 @@ def dataset_runs(name: str, tmp: Path, data: Path, config: MixConfig, end: datet
                 result["warm_up_checked"] = warm(server, config, reference, out, name)
                 result["latency"] = latency(server, end, cfg["latency_count"], reference, out)
                 for c in (1, 32):
+                    around = ceilings is not None and c == 32
+                    before = ceilings(cfg["duration_s"] / 2) if around else None
                     print(f"[history] {name}: mix c={c}", flush=True)
                     result[f"mix_c{c}"] = mix_run(server, config, c, cfg["duration_s"], reference,
                                                   out, f"{name} c={c}")
+                    if around:
+                        result["ceiling"] = bracket(before, ceilings(cfg["duration_s"] / 2))
             if name == "week":
                 result["pruned_ceiling_checked"] = check_pruned_ceiling(data, config, reference, out)
         finally:
             with contextlib.suppress(Exception):
                 loading.result().close()
     return result
+
+
+def bracket(before: dict, after: dict) -> dict:
+    """Each ceiling's two halves as one measurement."""
+    joined = {}
+    for form, first in before.items():
+        second = after[form]
+        queries, duration = first["queries"] + second["queries"], first["duration_s"] + second["duration_s"]
+        joined[form] = {**first, "queries": queries, "duration_s": duration, "qps": queries / duration,
+                        "halves_qps": [first["qps"], second["qps"]]}
+    return joined
 
 
 def check_pruned_ceiling(data: Path, config: MixConfig, reference: Reference, out: dict) -> int:
@@ -454,16 +474,21 @@ def main(argv=None) -> int:
                 out["mix"] = {"now0": year_cfg.now0.isoformat(), "explore_hours": year_cfg.explore_hours}
                 out["year"] = dataset_runs("year", tmp, Path(data["year_dir"]), year_cfg, end, cfg,
                                            args.workers, out)
-                out["week"] = dataset_runs("week", tmp, Path(data["week_dir"]), week_cfg, end, cfg,
-                                           args.workers, out)
                 week = Path(data["week_dir"])
-                out["ceiling"] = {}
-                for form, boot, pruned in (("glob", demo_views(week), None), ("pruned", [], week)):
-                    print(f"[history] ceiling over the week: {form}", flush=True)
-                    out["ceiling"][form] = ceiling_qps(boot, args.workers, cfg["duration_s"], time.time(),
-                                                       seed=1, config=week_cfg, pruned_dir=pruned)
+
+                def ceilings(duration: float) -> dict:
+                    found = {}
+                    for form, boot, pruned in (("glob", demo_views(week), None), ("pruned", [], week)):
+                        print(f"[history] ceiling over the week: {form}, {duration:g} s", flush=True)
+                        found[form] = ceiling_qps(boot, args.workers, duration, time.time(), seed=1,
+                                                  config=week_cfg, pruned_dir=pruned)
+                    return found
+                out["week"] = dataset_runs("week", tmp, week, week_cfg, end, cfg, args.workers, out,
+                                           ceilings)
+                out["ceiling"] = out["week"].pop("ceiling", {})
                 out["ceiling"]["note"] = ("the ceiling has no client; duckfleet's load generator "
-                                          "shares the cores (client_cpu_share of each mix run)")
+                                          "shares the cores (client_cpu_share of each mix run); "
+                                          "measured half before and half after the week's c=32 run")
             if "tpch" in only:
                 out["tpch"] = run_tpch(tmp, cfg, args.workers, out)
     except KeyboardInterrupt:
