@@ -18,12 +18,15 @@ import re
 import statistics
 import time
 
+import duckdb
+
 from bench.answers import Reference, check_answer
 from bench.peers import mixcheck
 from bench.peers.loadgen import closed_loop, fetch_arrow, post
 from bench.peers.servers import Peer, RssSampler
 
 LARGE = {n: f"SELECT i, i * 2 AS j, i % 7 AS k FROM range({n}) t(i)" for n in (1_000_000, 10_000_000)}
+IN_PROCESS = Peer("in-process-1thread", "duckdb")  # the baseline a server's large result is timed beside
 SLOW_S = 15.0
 
 
@@ -113,30 +116,48 @@ def _fetch(peer: Peer, fmt: str, sql: str, rows: int, cursor=None) -> None:
 
 
 def large_results(peer: Peer, runs: int, sizes: list[int], json_max_rows: int) -> dict:
+    """Each size and format `runs` times; an Arrow run of a server's is preceded by the same
+    query in this process's DuckDB (one thread, as a worker has): `baseline_seconds`, the
+    median of those, is what the server's figure is a ratio of, timed alongside it."""
     out = {}
-    for rows in sizes:
-        sql = LARGE[rows]
-        for fmt in ("arrow", "json"):
-            if fmt == "json" and rows > json_max_rows:
-                continue
-            if fmt == "json" and peer.kind != "http":
-                continue  # a DuckDB client gets Arrow-like batches; there is no JSON to time
-            times, error = [], None
-            cursor = peer.cursor() if peer.kind != "http" else None
-            with RssSampler(peer.pids) as rss, contextlib.closing(cursor) if cursor else \
-                    contextlib.nullcontext():
-                for _ in range(runs):
-                    started = time.perf_counter()
-                    try:
-                        _fetch(peer, fmt, sql, rows, cursor)
-                    except Exception as exc:  # a failure is a result: recorded, not fatal
-                        error = f"{type(exc).__name__}: {str(exc)[:200]}"
-                        break
-                    times.append(time.perf_counter() - started)
-                    if times[-1] > SLOW_S:
-                        break
-            seconds = statistics.median(times) if times else None
-            out[f"{fmt}_{rows}"] = {"seconds": seconds, "rows_per_s": rows / seconds if seconds else None,
-                                    "runs": len(times), "error": error,
-                                    "peak_rss_total_mb": rss.summary()["peak_total_mb"]}
+    baseline = duckdb.connect(config={"threads": 1}) if peer.kind != "duckdb" else None
+    try:
+        for rows in sizes:
+            sql = LARGE[rows]
+            for fmt in ("arrow", "json"):
+                if fmt == "json" and rows > json_max_rows:
+                    continue
+                if fmt == "json" and peer.kind != "http":
+                    continue  # a DuckDB client gets Arrow-like batches; there is no JSON to time
+                alongside = baseline if fmt == "arrow" else None
+                out[f"{fmt}_{rows}"] = _large(peer, fmt, sql, rows, runs, alongside)
+    finally:
+        if baseline is not None:
+            baseline.close()
     return out
+
+
+def _large(peer: Peer, fmt: str, sql: str, rows: int, runs: int, baseline) -> dict:
+    times, base_times, error = [], [], None
+    cursor = peer.cursor() if peer.kind != "http" else None
+    with RssSampler(peer.pids) as rss, contextlib.closing(cursor) if cursor else \
+            contextlib.nullcontext():
+        for _ in range(runs):
+            if baseline is not None:
+                started = time.perf_counter()
+                _fetch(IN_PROCESS, fmt, sql, rows, baseline)
+                base_times.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            try:
+                _fetch(peer, fmt, sql, rows, cursor)
+            except Exception as exc:  # a failure is a result: recorded, not fatal
+                error = f"{type(exc).__name__}: {str(exc)[:200]}"
+                break
+            times.append(time.perf_counter() - started)
+            if times[-1] > SLOW_S:
+                break
+    seconds = statistics.median(times) if times else None
+    return {"seconds": seconds, "rows_per_s": rows / seconds if seconds else None,
+            "runs": len(times), "error": error,
+            "baseline_seconds": statistics.median(base_times) if base_times else None,
+            "peak_rss_total_mb": rss.summary()["peak_total_mb"]}

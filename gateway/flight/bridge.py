@@ -135,7 +135,7 @@ class Pipe:
 
     def read(self, size: int):
         """Up to size bytes, copied out of the lent views; b"" at the end. The copy is made
-        under the lock, so `finish` cannot give a segment back while it is read."""
+        under the lock, so `withdraw` cannot give a segment back while it is read."""
         out, got = None, 0
         with self._cond:
             while got < size:
