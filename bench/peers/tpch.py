@@ -73,55 +73,64 @@ def run(peer: Peer, queries: dict[int, str], reference: dict[int, pa.Table], run
     return side_by_side([peer], queries, reference, runs, warm)[0]
 
 
+class _Side:
+    """One peer's passes: their errors and mismatches, each timed pass's total."""
+
+    def __init__(self, peer: Peer):
+        self.peer = peer
+        self.errors: list[dict] = []
+        self.mismatches: list[dict] = []
+        self.totals: list[float | None] = []  # None: a query of that pass failed
+        self.per_query: dict[int, list[float]] = {}
+
+    def record(self, r: dict, phase: str) -> None:
+        if "error" in r:
+            self.errors.append({**r, "phase": phase})
+        elif r["mismatch"]:
+            self.mismatches.append({"query": r["query"], "mismatch": r["mismatch"], "phase": phase})
+
+    def timed_pass(self, results: list[dict]) -> None:
+        for r in results:
+            if "error" not in r:
+                self.per_query.setdefault(r["query"], []).append(r["seconds"])
+        failed = any("error" in r for r in results)
+        self.totals.append(None if failed else sum(r["seconds"] for r in results))
+
+
 def side_by_side(peers: list[Peer], queries: dict[int, str], reference: dict[int, pa.Table],
                  runs: int, warm: bool = True) -> list[dict]:
     """`run` for several peers at once: their timed passes interleaved query by query (each
     query on every peer in turn), so a machine that speeds up or slows down meanwhile moves
     every peer's total alike and their ratio holds."""
-    errors: list[list] = [[] for _ in peers]
-    mismatches: list[list] = [[] for _ in peers]
-
-    def record(i: int, r: dict, phase: str) -> None:
-        if "error" in r:
-            errors[i].append({**r, "phase": phase})
-        elif r["mismatch"]:
-            mismatches[i].append({"query": r["query"], "mismatch": r["mismatch"], "phase": phase})
-
+    sides = [_Side(peer) for peer in peers]
     if warm:
-        for i, peer in enumerate(peers):
+        for side in sides:
             for number, sql in queries.items():
-                record(i, _one(peer, number, sql, reference), "warm")
-    totals: list[list] = [[] for _ in peers]
-    per_query: list[dict] = [{} for _ in peers]
+                side.record(_one(side.peer, number, sql, reference), "warm")
     for n in range(runs):
-        total, failed = [0.0] * len(peers), [False] * len(peers)
+        timed: list[list[dict]] = [[] for _ in sides]
         for number, sql in queries.items():
-            for i, peer in enumerate(peers):
-                r = _one(peer, number, sql, reference)
-                record(i, r, f"run {n + 1}")
-                if "error" in r:
-                    failed[i] = True
-                    continue
-                total[i] += r["seconds"]
-                per_query[i].setdefault(number, []).append(r["seconds"])
-        for i in range(len(peers)):
-            totals[i].append(None if failed[i] else total[i])
-    results = []
-    for i, peer in enumerate(peers):
+            for side, results in zip(sides, timed):
+                results.append(_one(side.peer, number, sql, reference))
+                side.record(results[-1], f"run {n + 1}")
+        for side, results in zip(sides, timed):
+            side.timed_pass(results)
+    out = []
+    for side in sides:
         started = time.perf_counter()
         with concurrent.futures.ThreadPoolExecutor(CONCURRENCY) as pool:
-            parallel = list(pool.map(lambda item: _one(peer, *item, reference), queries.items()))
+            parallel = list(pool.map(lambda item: _one(side.peer, *item, reference), queries.items()))
         wall = time.perf_counter() - started
         for r in parallel:
-            record(i, r, f"c={CONCURRENCY}")
-        results.append({
-            "sequential_total_s": None if None in totals[i] else statistics.median(totals[i]),
-            "sequential_runs": totals[i], "warm_pass": warm,
+            side.record(r, f"c={CONCURRENCY}")
+        out.append({
+            "sequential_total_s": None if None in side.totals else statistics.median(side.totals),
+            "sequential_runs": side.totals, "warm_pass": warm,
             "concurrent_wall_s": None if any("error" in r for r in parallel) else wall,
             "concurrency": CONCURRENCY,
-            "per_query_s": {str(n): statistics.median(t) for n, t in per_query[i].items()},
-            "errors": errors[i], "mismatches": mismatches[i], "complete": not errors[i]})
-    return results
+            "per_query_s": {str(n): statistics.median(t) for n, t in side.per_query.items()},
+            "errors": side.errors, "mismatches": side.mismatches, "complete": not side.errors})
+    return out
 
 
 def reference_tables(peer: Peer, queries: dict[int, str]) -> dict[int, pa.Table]:
