@@ -9,10 +9,10 @@ over with its own deadline and cancellation (bridge.Pipe.adopt).
 
 A started query is taken once. It is ended (its query cancelled) when it is not taken within
 KEEP_S, when the caller closes the statement or starts more than PER_CALLER others, and when
-more than KEPT wait in all: each holds a worker, or up to a pipe's bytes. One whose catalog
-changed before it was taken is ended too, and the DoGet runs the statement afresh. An ended
-one writes no access line: the prepare's stands for it. A caller is one client connection with
-one token. Shared by gRPC threads; expiry runs on the loop.
+more than KEPT wait in all: each holds a worker and the segment of its first piece. One whose
+catalog changed before it was taken is ended too, and the DoGet runs the statement afresh. An
+ended one writes no access line: the prepare's stands for it. A caller is one client connection
+with one token. Shared by gRPC threads; expiry runs on the loop.
 """
 
 from __future__ import annotations

@@ -304,13 +304,7 @@ class FlightSqlServer(fl.FlightServerBase):
         pipe = self._pipe(call, sql, None, facts)
         started = Started(pipe, facts, changes)
         if pipe.started(SCHEMA_WAIT_S):
-            try:
-                started.reader = pa.ipc.open_stream(pipe)
-            except Exception:
-                pipe.cancel()
-                if isinstance(pipe.error, QueryError):
-                    raise pipe.error from None
-                raise
+            started.reader = _open(pipe, call.context)
         self._started.put(_caller(call), sql, started)
         return started.reader.schema if started.reader is not None else None
 
@@ -324,13 +318,7 @@ class FlightSqlServer(fl.FlightServerBase):
         else:
             pipe, reader = self._pipe(call, sql, params, call.facts), None
         if reader is None:
-            try:
-                reader = pa.ipc.open_stream(pipe)  # waits for the first bytes: errors come first
-            except Exception:
-                pipe.cancel()
-                if (failure := _stream_failure(pipe, call.context)) is not None:
-                    raise failure from None
-                raise
+            reader = _open(pipe, call.context)
         call.streaming = True
         batches = _batches(reader, pipe, call)
         if _has_dictionary(reader.schema.types):
@@ -412,6 +400,18 @@ def _batches(reader: pa.RecordBatchStreamReader, pipe: bridge.Pipe, call: Call):
         failure = flight_error(failure.kind, failure.message)
     if failure is not None:
         raise failure from None
+
+
+def _open(pipe: bridge.Pipe, context) -> pa.RecordBatchStreamReader:
+    """The result's stream reader; it waits for the first bytes, so errors come first: the
+    query's, or the call's cancellation (the query is cancelled either way)."""
+    try:
+        return pa.ipc.open_stream(pipe)
+    except Exception:
+        pipe.cancel()
+        if (failure := _stream_failure(pipe, context)) is not None:
+            raise failure from None
+        raise
 
 
 def _has_dictionary(types) -> bool:
