@@ -333,8 +333,8 @@ class Catalog:
         analysis = self.analyzer.analyze(sql)
         if analysis.tree is None or self._mark in sql:
             return Text(analysis, Template([], []), {})
-        key, values = prune.pattern(analysis.tree)
-        key = (key, tuple(scope) if scope is not None else None, self.version)
+        shape, values = prune.pattern(analysis.tree)
+        key = (shape, tuple(scope) if scope is not None else None, self.version)
         known = self._patterns.get(key, [])
         template = next((t for t in known if all(
             values[i] == value for i, value in enumerate(t.strings) if i not in t.markers)), None)
@@ -359,9 +359,9 @@ class Catalog:
         number = {id(node): i for i, node in enumerate(originals)}
         for expr, _ in collector.consts:
             for node in prune.strings(expr):
-                if id(node) in number:
-                    template.markers[number[id(node)]] = f"{self._mark}_s{number[id(node)]}"
-                    node["value"]["value"] = template.markers[number[id(node)]]
+                i = number.get(id(node))
+                if i is not None:  # not a marker of the request's instant
+                    template.markers[i] = node["value"]["value"] = f"{self._mark}_s{i}"
         template.strings = [node["value"]["value"] for node in originals]
         for n, ref in enumerate(collector.refs):
             self._replace(ref.node, f"{self._mark}_files_{n}", ref.table.evolved)
